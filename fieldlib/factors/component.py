@@ -1,0 +1,102 @@
+"""Component factors on block variables (MATH.md §1-2).
+
+A frame is one block variable whose states are tuples, e.g. (c, o, a, p, s). The frame factor
+φX(c,o,a,p,s) = φ(o,p) + φ(a,p) + φ(o,s) + φ(c,o,a,p) is four component factors on the same
+block, each a table over some components gathered onto the block's states; the last is
+sparse: it lists values for the tuples of B only (everything else is -inf).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fieldlib.errors import FieldlibError, ShapeError
+from fieldlib.factors.base import Factor, Term, check_log_potential, register_factor
+from fieldlib.variables import BlockDomain, VariableArray
+
+__all__ = ["Component"]
+
+
+@register_factor("component")
+class Component(Factor):
+    """A table over some components of a block variable (or of every block of an array).
+
+    Args:
+        target: a Variable or VariableArray whose domain is a :class:`BlockDomain`.
+        components: component names, e.g. ``("o", "p")``.
+        table: dense mode: ``Tensor ([N,] [T,] d_1, ..., d_m)`` over the components.
+            Sparse mode (``configs`` given): ``Tensor ([N,] [T,] K)``, one value per config.
+        configs: optional ``LongTensor (K, m)`` of component tuples (e.g. the set B over
+            (c, o, a, p)); block states whose sub-tuple is not listed get ``-inf``.
+
+    The block log-table is ``table[..., comp_1(x), ..., comp_m(x)]`` for every block state x,
+    shape ``([N,] [T,] S)``.
+    """
+
+    def __init__(self, target, components: Sequence[str], table, configs=None,
+                 name: str | None = None):
+        super().__init__(target, name)
+        if len(self.scope) != 1:
+            raise FieldlibError(f"{self.label}: the target is one block variable or array")
+        domain = self.scope[0].domain
+        if not isinstance(domain, BlockDomain):
+            raise FieldlibError(
+                f"{self.label}: target {self.scope[0].name!r} does not have a BlockDomain"
+            )
+        self.components = tuple(components)
+        self.length = self.scope[0].size if isinstance(self.scope[0], VariableArray) else None
+        self.table = check_log_potential(table, self.label)
+        lead = (self.length,) if self.length is not None else ()
+        flat, total = domain.flat_index(self.components)
+        if configs is None:
+            cards = tuple(domain.components[c].size for c in self.components)
+            self.batched = self._set_batch(self.table, lead + cards, "table")
+            self._index = flat  # block state -> flat component index
+            self._valid = None
+        else:
+            c = torch.as_tensor(configs, dtype=torch.long)
+            if c.dim() != 2 or c.shape[1] != len(self.components):
+                raise ShapeError(
+                    f"{self.label}: configs must have shape (K, {len(self.components)}), "
+                    f"got {tuple(c.shape)}"
+                )
+            code = torch.zeros(len(c), dtype=torch.long)
+            for k, comp in enumerate(self.components):
+                code = code * domain.components[comp].size + c[:, k]
+            sorted_code, order = torch.sort(code)
+            if len(sorted_code) > 1 and bool((sorted_code[1:] == sorted_code[:-1]).any()):
+                raise FieldlibError(f"{self.label}: configs must be distinct")
+            self.batched = self._set_batch(self.table, lead + (len(c),), "table")
+            pos = torch.searchsorted(sorted_code, flat).clamp(max=max(len(c) - 1, 0))
+            self._valid = (sorted_code[pos] == flat) if len(c) else torch.zeros_like(flat, dtype=bool)
+            self._index = order[pos]  # block state -> config row (where valid)
+        self.configs = configs
+
+    def tensors(self):
+        return [self.table]
+
+    def block_table(self) -> torch.Tensor:
+        """``([N,] [T,] S)`` log-potential of every block state."""
+        t = self.table
+        index = self._index.to(t.device)
+        if self._valid is None:
+            m = len(self.components)
+            flat = t.reshape(*t.shape[: t.dim() - m], -1)
+            return flat.index_select(-1, index)
+        out = t.index_select(-1, index)
+        return out.masked_fill(~self._valid.to(t.device), float("-inf"))
+
+    def dense_size(self) -> int:
+        lead = self.table.shape[: int(self.batched) + int(self.length is not None)]
+        return int(torch.Size(lead).numel()) * self.scope[0].cardinality
+
+    def terms(self) -> list[Term]:
+        table = self.block_table()
+        target = self.scope[0]
+        if self.length is None:
+            return [Term((target,), table, self.batched, self)]
+        axis = 1 if self.batched else 0
+        return [Term((target[p],), table.select(axis, p), self.batched, self)
+                for p in range(self.length)]

@@ -1,0 +1,69 @@
+"""The frame-intent factor φXI(x_t, I) = ψ_t(o_t, I) (MATH.md §2).
+
+One table over (frame component) x (intent) per frame, predicted by a network. With a block
+frame domain the table is gathered onto the frame's states through the chosen component
+(the paper: object; the released code: object x progress).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fieldlib.errors import FieldlibError
+from fieldlib.factors.base import Factor, Term, check_log_potential, register_factor
+from fieldlib.variables import BlockDomain, Variable, VariableArray
+
+__all__ = ["FrameIntent", "component_map"]
+
+
+def component_map(domain, component: str | None) -> tuple[torch.Tensor, int]:
+    """``(LongTensor (S,), D)``: each state's value of ``component`` and that component's
+    cardinality; the identity map when ``component`` is None."""
+    if component is None:
+        return torch.arange(domain.size), domain.size
+    if not isinstance(domain, BlockDomain):
+        raise FieldlibError(
+            f"component {component!r} was given but the frame domain is not a BlockDomain"
+        )
+    return domain.component(component), domain.components[component].size
+
+
+@register_factor("frame_intent")
+class FrameIntent(Factor):
+    """φXI: a (component x intent) log-table per frame.
+
+    Args:
+        frames: VariableArray of T frames.
+        intent: the intent Variable (N_I states).
+        table: ``Tensor ([N,] T, D, N_I)``, D the component's cardinality (the frames'
+            cardinality when ``component`` is None).
+        component: block component the table is over (e.g. ``"o"``), or None.
+    """
+
+    def __init__(self, frames: VariableArray, intent: Variable, table,
+                 component: str | None = None, name: str | None = None):
+        super().__init__([frames, intent], name)
+        if not isinstance(frames, VariableArray) or not isinstance(intent, Variable):
+            raise FieldlibError(f"{self.label}: expects (VariableArray, Variable)")
+        self.frames, self.intent, self.component = frames, intent, component
+        self.state_component, self.component_size = component_map(frames.domain, component)
+        self.table = check_log_potential(table, self.label)
+        core = (frames.size, self.component_size, intent.cardinality)
+        self.batched = self._set_batch(self.table, core, "table")
+
+    def tensors(self):
+        return [self.table]
+
+    def state_table(self) -> torch.Tensor:
+        """``([N,] T, S, N_I)``: the table on the frames' own states."""
+        return self.table.index_select(-2, self.state_component.to(self.table.device))
+
+    def dense_size(self) -> int:
+        n = self.table.shape[0] if self.batched else 1
+        return n * self.frames.size * self.frames.cardinality * self.intent.cardinality
+
+    def terms(self) -> list[Term]:
+        table = self.state_table()
+        axis = 1 if self.batched else 0
+        return [Term((self.frames[t], self.intent), table.select(axis, t), self.batched, self)
+                for t in range(self.frames.size)]

@@ -1,0 +1,311 @@
+"""FactorGraph: holds variables and factors, validates them, and hands engines dense terms.
+
+    g = FactorGraph()
+    x = g.array("x", 4, 3)                 # 4 frames, 3 states each
+    I = g.variable("I", 2)                 # the latent intent
+    g.add(Table(x, unary))                 # unary: (4, 3) or (N, 4, 3)
+    g.add(FrameIntent(x, I, psi))          # psi: (4, 3, 2)
+    g.add(KernelTemporal(x, mu, kernel=2.0))
+
+Padding: an array created with ``lengths`` (N,) has padded positions per batch element.
+The graph clamps each padded variable to state 0 and masks every term touching it to zero,
+so padding changes neither log Z nor any real variable's marginal (any engine, for free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from fieldlib.errors import (
+    EvidenceError,
+    FieldlibError,
+    ShapeError,
+    UnknownVariableError,
+)
+from fieldlib.factors.base import DEFAULT_MAX_DENSE_ELEMENTS, Factor, Term
+from fieldlib.variables import Variable, VariableArray
+
+__all__ = ["FactorGraph"]
+
+
+class FactorGraph:
+    """Variables (and arrays of them) plus factors over them.
+
+    Attributes:
+        variables: ``dict name -> Variable`` of every atomic variable, in insertion order.
+        arrays: ``dict name -> VariableArray``.
+        factors: list of factors in insertion order.
+        batch_size: N when any factor (or array ``lengths``) is batched, else None.
+    """
+
+    def __init__(self):
+        self.variables: dict[str, Variable] = {}
+        self.arrays: dict[str, VariableArray] = {}
+        self.factors: list[Factor] = []
+        self.batch_size: int | None = None
+        self._index: dict[int, int] = {}  # id(variable) -> position in self.variables
+
+    # -- building -------------------------------------------------------------------------
+    def variable(self, name: str, domain) -> Variable:
+        """Create and add a variable (cardinality, Domain or labels)."""
+        return self.add(Variable(name, domain))
+
+    def array(self, name: str, size: int, domain, lengths=None) -> VariableArray:
+        """Create and add a VariableArray of ``size`` positions."""
+        return self.add(VariableArray(name, size, domain, lengths=lengths))
+
+    def add(self, *items):
+        """Add Variables, VariableArrays and Factors; returns the (last) item added."""
+        for item in items:
+            if isinstance(item, VariableArray):
+                self._add_array(item)
+            elif isinstance(item, Variable):
+                self._add_variable(item)
+            elif isinstance(item, Factor):
+                self._add_factor(item)
+            elif isinstance(item, Iterable):
+                self.add(*item)
+            else:
+                raise FieldlibError(f"cannot add {type(item).__name__} to a FactorGraph")
+        return items[-1] if items else None
+
+    def _add_variable(self, v: Variable) -> None:
+        if v.name in self.variables:
+            if self.variables[v.name] is v:
+                return
+            raise FieldlibError(f"the graph already has a variable named {v.name!r}")
+        self._index[id(v)] = len(self.variables)
+        self.variables[v.name] = v
+
+    def _add_array(self, a: VariableArray) -> None:
+        if a.name in self.arrays:
+            if self.arrays[a.name] is a:
+                return
+            raise FieldlibError(f"the graph already has an array named {a.name!r}")
+        if a.lengths is not None:
+            self._set_batch(len(a.lengths), f"array {a.name!r} lengths")
+        self.arrays[a.name] = a
+        for v in a:
+            self._add_variable(v)
+
+    def _add_factor(self, f: Factor) -> None:
+        if f.name is None:
+            f.name = f"{f.kind}{len(self.factors)}"
+        for v in f.variables():
+            if self.variables.get(v.name) is not v:
+                raise UnknownVariableError(
+                    f"{f.label} uses variable {v.name!r}, which is not in this graph "
+                    f"(add it, or its array, before the factor)"
+                )
+        if f.batch_size is not None:
+            self._set_batch(f.batch_size, f.label)
+        self._check_tensors(f)
+        self.factors.append(f)
+
+    def _set_batch(self, n: int, what: str) -> None:
+        if self.batch_size is not None and self.batch_size != n:
+            raise ShapeError(f"{what} has batch size {n}, but the graph's is {self.batch_size}")
+        self.batch_size = n
+
+    def _check_tensors(self, f: Factor) -> None:
+        for t in f.tensors():
+            for other in self.factors:
+                for u in other.tensors():
+                    if u.device != t.device:
+                        raise FieldlibError(
+                            f"{f.label} is on {t.device} but {other.label} is on {u.device}"
+                        )
+                    return
+
+    # -- queries --------------------------------------------------------------------------
+    def index(self, v: Variable) -> int:
+        return self._index[id(v)]
+
+    def resolve(self, key) -> Variable | VariableArray:
+        """A Variable/VariableArray of this graph from itself or its name."""
+        if isinstance(key, Variable | VariableArray):
+            name = key.name
+            found = self.arrays.get(name) if isinstance(key, VariableArray) else \
+                self.variables.get(name)
+            if found is key:
+                return key
+            raise UnknownVariableError(f"{key!r} is not in this graph")
+        if key in self.arrays:
+            return self.arrays[key]
+        if key in self.variables:
+            return self.variables[key]
+        raise UnknownVariableError(
+            f"unknown variable {key!r}; the graph has {_preview(self.variables)}"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        for f in self.factors:
+            for t in f.tensors():
+                return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype = None
+        for f in self.factors:
+            for t in f.tensors():
+                if t.is_floating_point():
+                    dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+        return dtype or torch.get_default_dtype()
+
+    def active(self, v: Variable) -> torch.Tensor | None:
+        """``BoolTensor (N,)``: whether ``v`` is a real (not padded) variable per batch
+        element; None when it is never padded."""
+        a = v.array
+        if a is None or a.lengths is None:
+            return None
+        return v.position < a.lengths.to(self.device)
+
+    def joint_size(self) -> int:
+        size = 1
+        for v in self.variables.values():
+            size *= v.cardinality
+        return size
+
+    # -- evidence -------------------------------------------------------------------------
+    def evidence(self, evidence: Mapping | None) -> dict[Variable, torch.Tensor]:
+        """Normalise evidence to ``{Variable: LongTensor ()}`` or ``(N,)`` per batch element.
+
+        Keys are Variables, VariableArrays or their names; an array takes a ``(T,)`` or
+        ``(N, T)`` tensor. Raises EvidenceError (out of range, bad shape) and
+        UnknownVariableError.
+        """
+        out: dict[Variable, torch.Tensor] = {}
+        for key, value in (evidence or {}).items():
+            target = self.resolve(key)
+            value = torch.as_tensor(value, device=self.device)
+            if value.is_floating_point() and bool((value != value.round()).any()):
+                raise EvidenceError(f"evidence for {target.name!r} must be integer states")
+            value = value.long()
+            if isinstance(target, VariableArray):
+                if value.shape[-1:] != (target.size,) or value.dim() > 2:
+                    raise EvidenceError(
+                        f"evidence for array {target.name!r} must have shape "
+                        f"({target.size},) or (N, {target.size}), got {tuple(value.shape)}"
+                    )
+                pairs = [(v, value[..., t]) for t, v in enumerate(target)]
+            else:
+                pairs = [(target, value)]
+            for v, val in pairs:
+                if val.dim() > 1:
+                    raise EvidenceError(f"evidence for {v.name!r} must be a scalar or (N,)")
+                if val.dim() == 1:
+                    self._check_evidence_batch(v, len(val))
+                if bool(((val < 0) | (val >= v.cardinality)).any()):
+                    bad = int(val.flatten()[((val < 0) | (val >= v.cardinality)).flatten()][0])
+                    raise EvidenceError(
+                        f"evidence {v.name}={bad} is outside its states 0..{v.cardinality - 1}"
+                    )
+                out[v] = val
+        return out
+
+    def _check_evidence_batch(self, v: Variable, n: int) -> None:
+        if self.batch_size is not None and self.batch_size != n:
+            raise EvidenceError(
+                f"evidence for {v.name!r} has {n} values; the graph's batch size is "
+                f"{self.batch_size}"
+            )
+
+    # -- dense terms for exact engines ----------------------------------------------------
+    def terms(self, max_elements: int | None = DEFAULT_MAX_DENSE_ELEMENTS) -> list[Term]:
+        """Every factor as dense log-tables, padding masked out (see module docstring).
+
+        Raises TooLargeError when a factor's dense tables exceed ``max_elements``.
+        """
+        out: list[Term] = []
+        for f in self.factors:
+            f._refuse_if_large(max_elements)
+            for term in f.terms():
+                out.append(self._mask_term(term))
+        out.extend(self._padding_clamps())
+        return out
+
+    def _mask_term(self, term: Term) -> Term:
+        active = None
+        for v in term.variables:
+            a = self.active(v)
+            if a is not None:
+                active = a if active is None else active & a
+        if active is None or bool(active.all()):
+            return term
+        shape = (-1,) + (1,) * len(term.variables)
+        table = torch.where(active.view(shape), term.table, term.table.new_zeros(()))
+        return Term(term.variables, table, True, term.factor)
+
+    def _padding_clamps(self) -> list[Term]:
+        clamps = []
+        for a in self.arrays.values():
+            if a.lengths is None:
+                continue
+            for v in a:
+                active = self.active(v)
+                if bool(active.all()):
+                    continue
+                table = torch.zeros(len(active), v.cardinality, dtype=self.dtype,
+                                    device=self.device)
+                table[~active, 1:] = float("-inf")
+                clamps.append(Term((v,), table, True, None))
+        return clamps
+
+    # -- views ----------------------------------------------------------------------------
+    def to_networkx(self):
+        """Bipartite ``networkx.Graph``: variable nodes (``kind='variable'``, cardinality)
+        and factor nodes (``kind='factor'``, factor kind), an edge for each membership."""
+        import networkx as nx
+
+        g = nx.Graph()
+        for v in self.variables.values():
+            g.add_node(v.name, kind="variable", cardinality=v.cardinality)
+        for i, f in enumerate(self.factors):
+            node = f"{f.name}#{i}"
+            g.add_node(node, kind="factor", factor=f.kind)
+            for v in f.variables():
+                g.add_edge(node, v.name)
+        return g
+
+    def draw(self, ax=None, seed: int = 0, path: str | None = None):
+        """Draw the factor graph with matplotlib (circles: variables, squares: factors).
+
+        Returns the Axes; with ``path`` the figure is also saved there.
+        """
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        import networkx as nx
+
+        g = self.to_networkx()
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 5))
+        pos = nx.spring_layout(g, seed=seed)
+        var_nodes = [n for n, d in g.nodes(data=True) if d["kind"] == "variable"]
+        fac_nodes = [n for n, d in g.nodes(data=True) if d["kind"] == "factor"]
+        nx.draw_networkx_edges(g, pos, ax=ax, alpha=0.4)
+        nx.draw_networkx_nodes(g, pos, nodelist=var_nodes, node_color="#9ecae1",
+                               node_shape="o", ax=ax)
+        nx.draw_networkx_nodes(g, pos, nodelist=fac_nodes, node_color="#fdae6b",
+                               node_shape="s", node_size=120, ax=ax)
+        nx.draw_networkx_labels(g, pos, labels={n: n for n in var_nodes}, font_size=8, ax=ax)
+        ax.set_axis_off()
+        if path is not None:
+            ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+        return ax
+
+    def __repr__(self) -> str:
+        return (f"FactorGraph({len(self.variables)} variables, {len(self.factors)} factors"
+                f"{', batch ' + str(self.batch_size) if self.batch_size else ''})")
+
+
+def _preview(names, k: int = 8) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > k else ""
+    return ", ".join(repr(n) for n in names[:k]) + more

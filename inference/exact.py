@@ -1,0 +1,218 @@
+"""Exact engines: BruteForce (the enumeration oracle) and VariableElimination.
+
+Both work in log space and are differentiable: ``result.log_z`` back-propagates to every
+potential that requires grad. Marginals are gradients of log Z with respect to zero probe
+tables (VariableElimination) or sums of the normalised joint (BruteForce, independently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import torch
+
+from fieldlib.errors import TooLargeError
+
+from .base import Engine, register_engine
+from .contract import BATCH, backtrack, contract_path, order_to_path, path_cost
+from .ordering import elimination_order
+from .prepare import check_finite, finish, prepare
+
+__all__ = ["BruteForce", "VariableElimination", "available_memory"]
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes free on ``device`` (MemAvailable on the CPU, free memory on a GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _grads(output, inputs, retain: bool):
+    if not inputs:
+        return []
+    return torch.autograd.grad(output, inputs, retain_graph=retain, allow_unused=True)
+
+
+@register_engine("bruteforce")
+class BruteForce(Engine):
+    """Enumerate every joint configuration of the free variables.
+
+    Args:
+        max_states: refuse (TooLargeError naming the count) above this many joint states
+            per batch element.
+    """
+
+    supports = frozenset({"log_z", "marginals", "map"})
+
+    def __init__(self, max_states: int = 2**22):
+        self.max_states = int(max_states)
+
+    def run(self, graph, evidence, *, marginals, factor_marginals, map):
+        prep = prepare(graph, evidence, probes=False, factor_marginals=factor_marginals)
+        free = prep.free
+        states = math.prod(v.cardinality for v in free)
+        if states > self.max_states:
+            raise TooLargeError(
+                f"brute force would enumerate {states:,} joint states, above max_states="
+                f"{self.max_states:,}; use the 'exact' engine (variable elimination)"
+            )
+        position = {graph.index(v): k for k, v in enumerate(free)}
+        n = len(free)
+        joint = torch.zeros((prep.batch, *(v.cardinality for v in free)), dtype=prep.dtype,
+                            device=prep.device)
+        with torch.enable_grad() if factor_marginals else contextlib.nullcontext():
+            for table, lab in zip(prep.operands, prep.labels):
+                axes = [position[x] for x in lab[1:]]
+                perm = [0] + [1 + i for i in sorted(range(len(axes)), key=axes.__getitem__)]
+                t = table.permute(perm)
+                shape = [prep.batch] + [1] * n
+                for a in sorted(axes):
+                    shape[1 + a] = free[a].cardinality
+                joint = joint + t.reshape(shape)
+            flat = joint.reshape(prep.batch, -1)
+            log_z = torch.logsumexp(flat, -1)
+            check_finite(prep, log_z)
+            var_marg = None
+            if marginals:
+                p = torch.exp(joint - log_z.view(-1, *[1] * n)).detach()
+                var_marg = {v: p.sum(dim=[1 + a for a in range(n) if a != k])
+                            for k, v in enumerate(free)}
+            fgrads = None
+            if factor_marginals:
+                fgrads = _grads(log_z.sum(), prep.term_probes, retain=log_z.requires_grad)
+            assignment = score = None
+            if map:
+                score, arg = flat.detach().max(-1)
+                assignment = {}
+                for k in reversed(range(n)):
+                    d = free[k].cardinality
+                    assignment[free[k]] = arg % d
+                    arg = arg // d
+        return finish(prep, self.name, log_z, var_marg, fgrads, assignment, score,
+                      info={"joint_states": states})
+
+
+@register_engine("exact")
+class VariableElimination(Engine):
+    """Exact inference by log-space tensor contraction along a searched elimination order.
+
+    Args:
+        memory_budget: bytes the contraction may use (default: half the memory available on
+            the device at call time). Above it the engine refuses with TooLargeError naming
+            the bytes it would need; it never starts a contraction that cannot fit.
+        order: ``"auto"`` (greedy weight / weighted min-fill with randomised restarts, see
+            ordering.py) or ``"opt_einsum:NAME"`` to use one of opt_einsum's path optimisers
+            (e.g. ``"opt_einsum:greedy"``).
+        search_time: seconds of randomised order restarts (``"auto"`` only).
+        seed: seeds the restarts.
+        max_dense: refuse factors whose dense tables exceed this many elements.
+
+    Orders are cached by graph structure (labels and cardinalities), so repeated calls on
+    graphs of the same shape (a training loop) search once.
+    """
+
+    supports = frozenset({"log_z", "marginals", "map"})
+
+    def __init__(self, memory_budget: int | None = None, order: str = "auto",
+                 search_time: float = 0.3, seed: int = 0, max_dense: int | None = None):
+        self.memory_budget = memory_budget
+        self.order = order
+        self.search_time = float(search_time)
+        self.seed = seed
+        self.max_dense = max_dense
+        self._cache: dict = {}
+
+    def plan(self, labels, cards, free_labels):
+        """``(path, PathCost, info)`` for operands with ``labels`` (cached by structure)."""
+        key = (tuple(labels), tuple(sorted(cards.items())), self.order)
+        if key in self._cache:
+            return self._cache[key]
+        t0 = time.perf_counter()
+        info = {}
+        if self.order == "auto":
+            search = elimination_order(labels, cards, free_labels, self.search_time, self.seed)
+            path = order_to_path(labels, search.order, cards)
+            info.update(heuristic=search.heuristic, restarts=search.restarts)
+        elif self.order.startswith("opt_einsum:"):
+            path = _opt_einsum_path(labels, cards, self.order.split(":", 1)[1])
+        else:
+            raise TooLargeError(f"unknown order strategy {self.order!r}")
+        cost = path_cost(labels, path, cards)
+        info["order_seconds"] = time.perf_counter() - t0
+        self._cache[key] = (path, cost, info)
+        return path, cost, info
+
+    def run(self, graph, evidence, *, marginals, factor_marginals, map):
+        t0 = time.perf_counter()
+        kwargs = {} if self.max_dense is None else {"max_dense": self.max_dense}
+        prep = prepare(graph, evidence, probes=marginals, factor_marginals=factor_marginals,
+                       **kwargs)
+        free_labels = [graph.index(v) for v in prep.free]
+        path, cost, info = self.plan(prep.labels, prep.cards, free_labels)
+        itemsize = torch.empty((), dtype=prep.dtype).element_size()
+        need = cost.peak * itemsize
+        if map:
+            need = max(need, cost.map_peak * itemsize)
+        budget = self.memory_budget
+        if budget is None:
+            budget = available_memory(prep.device) // 2
+        info.update(largest_intermediate=cost.largest_intermediate, flops=cost.flops,
+                    estimated_bytes=need, budget_bytes=budget)
+        if need > budget:
+            raise TooLargeError(
+                f"exact inference would need about {need:,} bytes ({need / 2**30:.2f} GiB; "
+                f"largest intermediate {cost.largest_intermediate:,} elements) but the memory "
+                f"budget is {budget:,} bytes ({budget / 2**30:.2f} GiB); use a mean-field "
+                f"engine or raise memory_budget"
+            )
+        grad_needed = marginals or factor_marginals
+        with torch.enable_grad() if grad_needed else contextlib.nullcontext():
+            log_z, _ = contract_path(prep.operands, prep.labels, path, "sum")
+        check_finite(prep, log_z)
+        var_marg = fgrads = None
+        if grad_needed:
+            probes = list(prep.probes.values())
+            inputs = probes + (prep.term_probes if factor_marginals else [])
+            # keep the graph when the user's potentials need log Z's gradient later
+            retain = torch.is_grad_enabled() and any(t.table.requires_grad for t in prep.terms)
+            grads = _grads(log_z.sum(), inputs, retain=retain)
+            var_marg = {v: g.detach() for v, g in zip(prep.probes, grads[: len(probes)])}
+            if factor_marginals:
+                fgrads = [g.detach() for g in grads[len(probes):]]
+        assignment = score = None
+        if map:
+            with torch.no_grad():
+                ops = [t.detach() for t in prep.operands]
+                score, pointers = contract_path(ops, prep.labels, path, "max")
+                labels_value = backtrack(pointers, prep.batch)
+            assignment = {v: labels_value.get(graph.index(v),
+                                              torch.zeros(prep.batch, dtype=torch.long))
+                          for v in prep.free}
+        info["seconds"] = time.perf_counter() - t0
+        return finish(prep, self.name, log_z, var_marg, fgrads, assignment, score, info)
+
+
+def _opt_einsum_path(labels, cards, optimizer: str):
+    import opt_einsum
+
+    symbols = {}
+    for lab in labels:
+        for x in lab:
+            symbols.setdefault(x, opt_einsum.get_symbol(len(symbols)))
+    eq = ",".join("".join(symbols[x] for x in lab) for lab in labels) + "->" + symbols[BATCH]
+    shapes = [tuple(cards[x] for x in lab) for lab in labels]
+    path, _ = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=optimizer)
+    return path
