@@ -93,7 +93,11 @@ class FactorGraph:
     def _add_factor(self, f: Factor) -> None:
         if f.name is None:
             f.name = f"{f.kind}{len(self.factors)}"
+        seen = set()
         for v in f.variables():
+            if id(v) in seen:
+                raise FieldlibError(f"{f.label} uses variable {v.name!r} twice in its scope")
+            seen.add(id(v))
             if self.variables.get(v.name) is not v:
                 raise UnknownVariableError(
                     f"{f.label} uses variable {v.name!r}, which is not in this graph "
@@ -110,14 +114,14 @@ class FactorGraph:
         self.batch_size = n
 
     def _check_tensors(self, f: Factor) -> None:
+        if not self.factors:
+            return
+        device = self.device
         for t in f.tensors():
-            for other in self.factors:
-                for u in other.tensors():
-                    if u.device != t.device:
-                        raise FieldlibError(
-                            f"{f.label} is on {t.device} but {other.label} is on {u.device}"
-                        )
-                    return
+            if t.device != device:
+                raise FieldlibError(
+                    f"{f.label} is on {t.device} but the graph's factors are on {device}"
+                )
 
     # -- queries --------------------------------------------------------------------------
     def index(self, v: Variable) -> int:

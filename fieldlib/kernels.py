@@ -7,13 +7,14 @@ Gaussian, σ = 150 frames at 24 fps (6.25 s).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from fieldlib.errors import FieldlibError, ShapeError
 
-__all__ = ["GaussianKernel", "KernelSum", "as_kernel"]
+__all__ = ["GaussianKernel", "KernelSum", "as_kernel", "temporal_sums", "kernel_radius"]
 
 
 class GaussianKernel:
@@ -78,3 +79,154 @@ def as_kernel(kernel) -> GaussianKernel | KernelSum:
 def pairwise_kernel(kernel, times: torch.Tensor) -> torch.Tensor:
     """``(..., T, T)`` matrix K[i, j] = k(t_i, t_j) for times ``(..., T)``."""
     return kernel(times[..., None, :] - times[..., :, None])
+
+
+# -- fast filtering: the kernel-weighted sums behind the mean-field messages (MATH.md §3) ---
+#
+#     future_i = Σ_{j>i} k(t_i, t_j) v_j        past_i = Σ_{j<i} k(t_j, t_i) v_j
+#
+# for values v (N, T, D) (a frame's object marginal), pairs ordered by position. Methods:
+#   dense   T x T kernel matrix, exact; memory N·T², used for short sequences.
+#   fft     uniformly spaced times: the kernel matrix is Toeplitz, so both sums are linear
+#           convolutions done by FFT in O(T log T), exact up to floating-point rounding.
+#   banded  non-uniform times and a kernel of known decay (Gaussians): pairs farther apart
+#           than the radius R of :func:`kernel_radius` are dropped; the dropped weight of a
+#           frame is below ``tol`` (an absolute bound on Σ_d |error(future_i)[d]| when every
+#           v_j sums to at most 1). Memory O(N·T·w), w the frames within R.
+
+#: Sequences up to this many frames use the dense T x T kernel matrix (exact, fastest there).
+DENSE_MAX_FRAMES = 64
+#: Default bound of the banded method on the kernel weight a frame loses (see above).
+BANDED_TOL = 1e-9
+#: Elements of kernel blocks the banded method materialises at once.
+_BANDED_CHUNK = 2**24
+
+
+def kernel_radius(kernel, frames: int, tol: float = BANDED_TOL) -> float | None:
+    """A time radius R such that every pair with |t_j - t_i| > R has |k| < tol / frames.
+
+    Dropping those pairs then loses less than ``tol`` of kernel weight per frame (a frame
+    has fewer than ``frames`` partners). Gaussian: R = σ sqrt(2 ln(frames / tol)). A
+    :class:`KernelSum` of M kernels bounds each |w_m| k_m by tol / (M frames). None when the
+    kernel's decay is unknown (any other callable).
+    """
+    frames = max(int(frames), 1)
+    if isinstance(kernel, GaussianKernel):
+        return kernel.sigma * math.sqrt(2.0 * math.log(max(frames / tol, 1.0)))
+    if isinstance(kernel, KernelSum):
+        weights = kernel.weights.detach().abs().double().tolist()
+        radii = [0.0]
+        for w, k in zip(weights, kernel.kernels):
+            if w > 0.0:
+                r = kernel_radius(k, frames, tol / (len(weights) * w))
+                if r is None:
+                    return None
+                radii.append(r)
+        return max(radii)
+    return None
+
+
+def _is_uniform(times: torch.Tensor) -> bool:
+    """Whether every row of ``times (B, T)`` is t_0 + Δ j (Δ may differ between rows)."""
+    t = times.detach().double()
+    n = t.shape[-1]
+    if n < 3:
+        return True
+    step = (t[:, -1:] - t[:, :1]) / (n - 1)
+    grid = t[:, :1] + step * torch.arange(n, dtype=t.dtype, device=t.device)
+    scale = t.abs().amax(-1, keepdim=True).clamp(min=1.0)
+    return bool(((t - grid).abs() <= 1e-9 * scale).all())
+
+
+def _sums_dense(kernel, times, values):
+    k = torch.triu(pairwise_kernel(kernel, times).to(values.dtype), diagonal=1)
+    return k.transpose(-1, -2) @ values, k @ values
+
+
+def _sums_fft(kernel, times, values):
+    n = values.shape[-2]
+    step = (times[:, -1:] - times[:, :1]) / max(n - 1, 1)  # (B, 1)
+    lags = torch.arange(n, dtype=times.dtype, device=times.device)
+    h = kernel(lags * step).to(values.dtype)  # (B, T): k at lag d
+    h = torch.cat([torch.zeros_like(h[:, :1]), h[:, 1:]], dim=-1)  # lag 0 is no pair
+    size = 1 << (2 * n - 1).bit_length()  # no wrap-around: linear, not circular
+    hf = torch.fft.rfft(h, size)[:, None, :]  # (B, 1, F)
+    vf = torch.fft.rfft(values.transpose(-1, -2).contiguous(), size)  # (N, D, F)
+    # past: convolution with h; future: correlation with h (conjugate spectrum)
+    both = torch.fft.irfft(torch.stack([vf * hf, vf * hf.conj()]), size)[..., :n]
+    return both[0].transpose(-1, -2), both[1].transpose(-1, -2)
+
+
+def _sums_banded(kernel, times, values, radius):
+    nb_, n, d = values.shape
+    t64 = times.detach().double()
+    reach = torch.searchsorted(t64.contiguous(), (t64 + radius).contiguous(), right=True)
+    width = int((reach - 1 - torch.arange(n, device=times.device)).max().clamp(min=1))
+    block = min(width, n)
+    blocks = -(-n // block)
+    pad = blocks * block - n
+    if pad:
+        values = torch.cat([values, values.new_zeros(nb_, pad, d)], dim=1)
+        times = torch.cat([times, times[:, -1:].expand(times.shape[0], pad)], dim=1)
+    vb = values.view(nb_, blocks, block, d)
+    tb = times.view(times.shape[0], blocks, block)
+    past = torch.zeros_like(vb)
+    future = torch.zeros_like(vb)
+    upper = torch.ones(block, block, dtype=torch.bool, device=values.device).triu(1)
+    step = max(1, _BANDED_CHUNK // (nb_ * block * block))
+    for b0 in range(0, blocks, step):  # chunks of blocks bound the memory, not frames
+        b1 = min(blocks, b0 + step)
+        t0 = tb[:, b0:b1]
+        k0 = kernel(t0[..., None, :] - t0[..., :, None]).to(values.dtype) * upper
+        future[:, b0:b1] += k0 @ vb[:, b0:b1]
+        past[:, b0:b1] += k0.transpose(-1, -2) @ vb[:, b0:b1]
+        c1 = min(b1, blocks - 1)  # cross pairs: block b with block b + 1
+        if c1 > b0:
+            ta, tn = tb[:, b0:c1], tb[:, b0 + 1:c1 + 1]
+            k1 = kernel(tn[..., None, :] - ta[..., :, None]).to(values.dtype)
+            future[:, b0:c1] += k1 @ vb[:, b0 + 1:c1 + 1]
+            past[:, b0 + 1:c1 + 1] += k1.transpose(-1, -2) @ vb[:, b0:c1]
+    past = past.reshape(nb_, blocks * block, d)[:, :n]
+    future = future.reshape(nb_, blocks * block, d)[:, :n]
+    return past, future
+
+
+def temporal_sums(kernel, times: torch.Tensor, values: torch.Tensor, method: str = "auto",
+                  tol: float = BANDED_TOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(past, future)``, each ``(N, T, D)``: the kernel-weighted sums over earlier and later
+    frames (see the comment above) for ``values (N, T, D)`` and ``times ([N,] T)``.
+
+    Args:
+        method: ``"dense"``, ``"fft"``, ``"banded"`` or ``"auto"`` (dense up to
+            ``DENSE_MAX_FRAMES`` frames, then fft for uniformly spaced times, then banded).
+        tol: the banded method's bound on the kernel weight dropped per frame.
+
+    Raises:
+        FieldlibError: an unknown method, fft on non-uniform times, or banded with a kernel
+            whose decay is unknown (use uniform times or a Gaussian kernel).
+    """
+    n = values.shape[-2]
+    times = times if times.dim() == 2 else times.unsqueeze(0)
+    if method == "auto":
+        if n <= DENSE_MAX_FRAMES:
+            method = "dense"
+        elif _is_uniform(times):
+            method = "fft"
+        elif kernel_radius(kernel, n, tol) is not None:
+            method = "banded"
+        else:
+            method = "dense"
+    if method == "dense":
+        return _sums_dense(kernel, times, values)
+    if method == "fft":
+        if not _is_uniform(times):
+            raise FieldlibError("the fft method needs uniformly spaced frame times")
+        return _sums_fft(kernel, times, values)
+    if method == "banded":
+        radius = kernel_radius(kernel, n, tol)
+        if radius is None:
+            raise FieldlibError(
+                f"the banded method needs a kernel of known decay (Gaussian), got {kernel!r}"
+            )
+        return _sums_banded(kernel, times, values, radius)
+    raise FieldlibError(f"unknown kernel-sum method {method!r}; use auto, dense, fft, banded")

@@ -6,6 +6,7 @@
 
 from .base import Engine, Result, engine_names, get_engine, register_engine
 from .exact import BruteForce, VariableElimination
+from .meanfield import MeanField
 
 __all__ = [
     "Engine",
@@ -15,4 +16,5 @@ __all__ = [
     "register_engine",
     "BruteForce",
     "VariableElimination",
+    "MeanField",
 ]

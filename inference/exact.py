@@ -88,14 +88,16 @@ class BruteForce(Engine):
             var_marg = None
             if marginals:
                 p = torch.exp(joint - log_z.view(-1, *[1] * n)).detach()
-                var_marg = {v: p.sum(dim=[1 + a for a in range(n) if a != k])
-                            for k, v in enumerate(free)}
+                var_marg = {}
+                for k, v in enumerate(free):
+                    others = [1 + a for a in range(n) if a != k]
+                    var_marg[v] = p.sum(dim=others) if others else p
             fgrads = None
             if factor_marginals:
                 fgrads = _grads(log_z.sum(), prep.term_probes, retain=log_z.requires_grad)
             assignment = score = None
             if map:
-                score, arg = flat.detach().max(-1)
+                score, arg = flat.detach().amax(-1), flat.detach().argmax(-1)
                 assignment = {}
                 for k in reversed(range(n)):
                     d = free[k].cardinality
@@ -182,12 +184,13 @@ class VariableElimination(Engine):
         with torch.enable_grad() if grad_needed else contextlib.nullcontext():
             log_z, _ = contract_path(prep.operands, prep.labels, path, "sum")
         check_finite(prep, log_z)
+        user_grad = any(t.table.requires_grad for t in prep.terms)
         var_marg = fgrads = None
         if grad_needed:
             probes = list(prep.probes.values())
             inputs = probes + (prep.term_probes if factor_marginals else [])
             # keep the graph when the user's potentials need log Z's gradient later
-            retain = torch.is_grad_enabled() and any(t.table.requires_grad for t in prep.terms)
+            retain = torch.is_grad_enabled() and user_grad
             grads = _grads(log_z.sum(), inputs, retain=retain)
             var_marg = {v: g.detach() for v, g in zip(prep.probes, grads[: len(probes)])}
             if factor_marginals:
@@ -202,6 +205,8 @@ class VariableElimination(Engine):
                                               torch.zeros(prep.batch, dtype=torch.long))
                           for v in prep.free}
         info["seconds"] = time.perf_counter() - t0
+        if not (user_grad and torch.is_grad_enabled()):
+            log_z = log_z.detach()
         return finish(prep, self.name, log_z, var_marg, fgrads, assignment, score, info)
 
 

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 
 __all__ = ["OrderSearch", "elimination_order"]
 
+#: Stop restarting once an order's total cost (joint states summed over cliques) is below
+#: this: the contraction then takes well under a millisecond per batch element.
+SMALL_COST = 1e5
+
 
 @dataclass
 class OrderSearch:
@@ -115,8 +119,9 @@ def elimination_order(scopes: Sequence[Sequence[int]], cards: dict[int, int],
         if best is None or (total, largest) < (best.cost, best.max_clique):
             best = OrderSearch(order, total, largest, heuristic + ("+noise" if r else ""),
                                runs, 0.0)
-        if runs >= min_restarts and time.perf_counter() - start > time_budget:
-            break
+        if runs >= min_restarts and (best.cost < SMALL_COST
+                                     or time.perf_counter() - start > time_budget):
+            break  # a cheap contraction is not worth searching further
         if len(variables) <= 1:
             break
     best.restarts = runs

@@ -68,9 +68,11 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
         raise FieldlibError("the graph has no variables")
     ev = graph.evidence(evidence)
     sizes = {len(v) for v in ev.values() if v.dim() == 1}
-    batch = graph.batch_size or (sizes.pop() if sizes else None)
-    if sizes:
+    if graph.batch_size is not None:
+        sizes.add(graph.batch_size)
+    if len(sizes) > 1:
         raise FieldlibError(f"evidence tensors disagree on the batch size: {sorted(sizes)}")
+    batch = sizes.pop() if sizes else None
     batched = batch is not None
     batch = batch or 1
     dtype = dtype or graph.dtype

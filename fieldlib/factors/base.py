@@ -34,6 +34,8 @@ __all__ = [
     "factor_types",
     "check_log_potential",
     "DEFAULT_MAX_DENSE_ELEMENTS",
+    "OnComponent",
+    "expected_log_table",
 ]
 
 #: Refuse to build dense terms with more elements than this (all terms of a factor summed).
@@ -153,6 +155,62 @@ class Factor:
         """Number of elements :meth:`terms` would allocate (all terms, batch included)."""
         raise NotImplementedError
 
+    # -- mean-field messages (MATH.md §3) --------------------------------------------------
+    # A mean-field engine asks each factor for its expected log-potential given the current
+    # Q. ``q`` is the engine's view of Q (duck-typed, see inference/meanfield_state.py):
+    #   q.probs(item)          Variable -> (N, d); VariableArray -> (N, T, d) (padding: 0 rows)
+    #   q.component_marginal(array, component) -> (N, T, D), Q summed onto a block component
+    #   q.wants(item)          whether a message to that Variable/array is needed now
+    # The versions here are the GENERIC fallback over :meth:`terms` (an einsum per term), so a
+    # new factor type works unchanged; factor types override them with vectorised versions.
+    def expected_messages(self, q) -> dict:
+        """``{item: message}``: for each Variable / VariableArray ``item`` of the scope that
+        ``q.wants``, E_Q[log φ | item = x] summed over the factor's terms (the item's own Q
+        excluded). A message is a tensor ``([N,] [T,] d)`` (batch axis optional) or an
+        :class:`OnComponent` over one block component. -inf where Q puts mass on an
+        impossible configuration."""
+        out: dict = {}
+        for term in self.terms():
+            table = term.table if term.batched else term.table.unsqueeze(0)
+            qs = [q.probs(v) for v in term.variables]
+            for a, v in enumerate(term.variables):
+                if q.wants(v):
+                    m = expected_log_table(table, qs, keep=a)
+                    out[v] = out[v] + m if v in out else m
+        return out
+
+    def expected_energy(self, q) -> torch.Tensor:
+        """``(N,)`` E_Q[log φ] (the factor's part of the ELBO); differentiable in the
+        factor's tensors (Q is taken as given)."""
+        total = 0.0
+        for term in self.terms():
+            table = term.table if term.batched else term.table.unsqueeze(0)
+            total = total + expected_log_table(table, [q.probs(v) for v in term.variables])
+        return total
+
+    def position_energy(self, q) -> dict:
+        """``{array: (N, T)}``: each term's expected log-potential credited to every array
+        position in its scope (a term on frames i and j counts at both: the per-frame rows
+        of MATH.md §6, which sum to twice a pairwise energy). Terms touching no array
+        position are left out."""
+        out: dict = {}
+        for term in self.terms():
+            table = term.table if term.batched else term.table.unsqueeze(0)
+            e = expected_log_table(table, [q.probs(v) for v in term.variables])
+            for v in term.variables:
+                if v.array is not None:
+                    if v.array not in out:
+                        out[v.array] = e.new_zeros(q.batch, v.array.size)
+                    out[v.array] = out[v.array].index_add(
+                        1, torch.tensor([v.position], device=e.device),
+                        e.expand(q.batch)[:, None])
+        return out
+
+    def couplings(self) -> list[tuple[Variable, ...]]:
+        """The groups of variables the factor couples (each term's scope). Variables that
+        share no group can be updated at the same time by a sequential schedule."""
+        return [tuple(term.variables) for term in self.terms()]
+
     # -- helpers for subclasses -----------------------------------------------------------
     @property
     def label(self) -> str:
@@ -209,3 +267,55 @@ def positions(scope: Iterable[Variable | VariableArray]) -> int | None:
 def at(item: Variable | VariableArray, t: int) -> Variable:
     """The variable at position t of an array, or the variable itself."""
     return item[t] if isinstance(item, VariableArray) else item
+
+
+class OnComponent:
+    """A mean-field message given on one component of a block domain, e.g. on the 38 objects
+    rather than the 471 frame states: the engine sums messages on the same component and
+    gathers them onto the block's states once (MATH.md §3: µ acts on objects).
+
+    Attributes:
+        component: component name (None: the message is already on the states).
+        message: ``([N,] [T,] D)`` on the component's values.
+    """
+
+    __slots__ = ("component", "message")
+
+    def __init__(self, component: str | None, message: torch.Tensor):
+        self.component = component
+        self.message = message
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def expected_log_table(table: torch.Tensor, qs: Sequence[torch.Tensor],
+                       keep: int | None = None) -> torch.Tensor:
+    """Expectation of a log-table under a product of distributions.
+
+    Args:
+        table: ``(..., d_1, ..., d_k)`` log-potentials; leading axes broadcast with the qs'.
+        qs: k tensors ``(..., d_j)``: the distribution of each table axis.
+        keep: an axis to keep (a mean-field message to that variable, its own q unused),
+            or None for the full expectation.
+
+    Returns ``(..., d_keep)`` or ``(...)``. Convention 0 · (-inf) = 0: a configuration of
+    zero probability contributes nothing; positive probability on a -inf entry gives -inf.
+    """
+    k = len(qs)
+    if k > len(_LETTERS):
+        raise FieldlibError(f"expected_log_table supports at most {len(_LETTERS)} axes")
+    lead = torch.broadcast_shapes(table.shape[: table.dim() - k],
+                                  *(q.shape[:-1] for q in qs))
+    letters = _LETTERS[:k]
+    others = [j for j in range(k) if j != keep]
+    specs = ["..." + letters] + ["..." + letters[j] for j in others]
+    eq = ",".join(specs) + "->..." + (letters[keep] if keep is not None else "")
+    ops = [qs[j].expand(*lead, qs[j].shape[-1]) for j in others]
+    full = table.expand(*lead, *table.shape[table.dim() - k:])
+    neginf = torch.isneginf(full)
+    if not bool(neginf.any()):
+        return torch.einsum(eq, full, *ops)
+    value = torch.einsum(eq, full.masked_fill(neginf, 0.0), *ops)
+    impossible = torch.einsum(eq, neginf.to(full.dtype), *ops)
+    return value.masked_fill(impossible > 0, float("-inf"))

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 import torch
 
 from fieldlib.errors import FieldlibError, ShapeError
-from fieldlib.factors.base import Factor, Term, check_log_potential, register_factor
+from fieldlib.factors.base import (
+    Factor,
+    Term,
+    check_log_potential,
+    expected_log_table,
+    register_factor,
+)
 from fieldlib.variables import BlockDomain, VariableArray
 
 __all__ = ["Component"]
@@ -70,7 +76,8 @@ class Component(Factor):
                 raise FieldlibError(f"{self.label}: configs must be distinct")
             self.batched = self._set_batch(self.table, lead + (len(c),), "table")
             pos = torch.searchsorted(sorted_code, flat).clamp(max=max(len(c) - 1, 0))
-            self._valid = (sorted_code[pos] == flat) if len(c) else torch.zeros_like(flat, dtype=bool)
+            self._valid = ((sorted_code[pos] == flat) if len(c)
+                           else torch.zeros_like(flat, dtype=bool))
             self._index = order[pos]  # block state -> config row (where valid)
         self.configs = configs
 
@@ -100,3 +107,29 @@ class Component(Factor):
         axis = 1 if self.batched else 0
         return [Term((target[p],), table.select(axis, p), self.batched, self)
                 for p in range(self.length)]
+
+    # -- mean-field: a unary factor; its message does not depend on Q -------------------------
+    def expected_messages(self, q) -> dict:
+        target = self.scope[0]
+        return {target: self.block_table()} if q.wants(target) else {}
+
+    def _energy(self, q) -> torch.Tensor:
+        e = expected_log_table(self.block_table(), [q.probs(self.scope[0])])
+        return e.expand(q.batch, *e.shape[1:]) if e.dim() else e.expand(q.batch)
+
+    def expected_energy(self, q) -> torch.Tensor:
+        e = self._energy(q)
+        return e.sum(-1) if self.length is not None else e
+
+    def position_energy(self, q) -> dict:
+        target, e = self.scope[0], self._energy(q)
+        if self.length is not None:
+            return {target: e}
+        if target.array is None:
+            return {}
+        row = e.new_zeros(q.batch, target.array.size)
+        row[:, target.position] = e
+        return {target.array: row}
+
+    def couplings(self) -> list:
+        return [(v,) for v in self.variables()]

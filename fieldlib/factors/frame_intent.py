@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 
 from fieldlib.errors import FieldlibError
-from fieldlib.factors.base import Factor, Term, check_log_potential, register_factor
+from fieldlib.factors.base import (
+    Factor,
+    OnComponent,
+    Term,
+    check_log_potential,
+    register_factor,
+)
 from fieldlib.variables import BlockDomain, Variable, VariableArray
 
 __all__ = ["FrameIntent", "component_map"]
@@ -67,3 +73,38 @@ class FrameIntent(Factor):
         axis = 1 if self.batched else 0
         return [Term((self.frames[t], self.intent), table.select(axis, t), self.batched, self)
                 for t in range(self.frames.size)]
+
+    # -- mean-field (MATH.md §3-4): messages on the component, all frames at once ----------
+    def _finite(self) -> bool:
+        return not bool(torch.isneginf(self.table).any())
+
+    def _eq(self, spec: str) -> str:
+        """An einsum spec whose table operand ``ntdi`` drops ``n`` when unbatched."""
+        return spec if self.batched else spec.replace("ntdi", "tdi")
+
+    def expected_messages(self, q) -> dict:
+        if not self._finite():
+            return super().expected_messages(q)
+        out: dict = {}
+        if q.wants(self.frames):  # Σ_I Q_I(I) φXI(x, I)   (Eq. 5)
+            m = torch.einsum(self._eq("ntdi,ni->ntd"), self.table, q.probs(self.intent))
+            out[self.frames] = OnComponent(self.component, m)
+        if q.wants(self.intent):  # Σ_j H_j(I), H_j(I) = E_{Q_j} φXI(x, I)   (Eq. 6)
+            qc = q.component_marginal(self.frames, self.component)
+            out[self.intent] = torch.einsum(self._eq("ntd,ntdi->ni"), qc, self.table)
+        return out
+
+    def position_energy(self, q) -> dict:
+        if not self._finite():
+            return super().position_energy(q)
+        qc = q.component_marginal(self.frames, self.component)
+        e = torch.einsum(self._eq("ntd,ni,ntdi->nt"), qc, q.probs(self.intent), self.table)
+        return {self.frames: e}
+
+    def expected_energy(self, q) -> torch.Tensor:
+        if not self._finite():
+            return super().expected_energy(q)
+        return self.position_energy(q)[self.frames].sum(-1)
+
+    def couplings(self) -> list:
+        return [(v, self.intent) for v in self.frames]

@@ -12,9 +12,15 @@ from __future__ import annotations
 import torch
 
 from fieldlib.errors import FieldlibError, ShapeError
-from fieldlib.factors.base import Factor, Term, check_log_potential, register_factor
+from fieldlib.factors.base import (
+    Factor,
+    OnComponent,
+    Term,
+    check_log_potential,
+    register_factor,
+)
 from fieldlib.factors.frame_intent import component_map
-from fieldlib.kernels import as_kernel, pairwise_kernel
+from fieldlib.kernels import as_kernel, pairwise_kernel, temporal_sums
 from fieldlib.variables import VariableArray
 
 __all__ = ["KernelTemporal"]
@@ -81,3 +87,33 @@ class KernelTemporal(Factor):
                 table = mu * (w[..., None, None] if self.batched and w.dim() else w)
                 out.append(Term((self.frames[i], self.frames[j]), table, self.batched, self))
         return out
+
+    # -- mean-field (MATH.md §3): FA_i, FB_i of every frame of the batch at once ------------
+    # With K_j the object marginal of Q_j, FA_i = µ (Σ_{j>i} k(i,j) K_j) and
+    # FB_i = µᵀ (Σ_{j<i} k(j,i) K_j): two kernel-weighted sums over frames (dense for short
+    # sequences, FFT or a bounded window for long ones: fieldlib.kernels.temporal_sums) and
+    # two D x D products. Nothing of size T x S or S x S is built.
+    def _sums(self, q):
+        qc = q.component_marginal(self.frames, self.component)  # (N, T, D)
+        method = getattr(q, "kernel_method", "auto")
+        past, future = temporal_sums(self.kernel, self.times, qc, method=method)
+        fa = future @ self.mu.transpose(-1, -2)  # FA_i(a) = Σ_b future_i(b) µ(a, b)
+        fb = past @ self.mu  # FB_i(b) = Σ_a past_i(a) µ(a, b)
+        return qc, fa, fb
+
+    def expected_messages(self, q) -> dict:
+        if not q.wants(self.frames):
+            return {}
+        _, fa, fb = self._sums(q)
+        return {self.frames: OnComponent(self.component, fa + fb)}
+
+    def expected_energy(self, q) -> torch.Tensor:
+        qc, fa, _ = self._sums(q)  # Σ_{i<j} k(i,j) K_iᵀ µ K_j = Σ_i K_i · FA_i
+        return (qc * fa).sum((-1, -2))
+
+    def position_energy(self, q) -> dict:
+        qc, fa, fb = self._sums(q)  # each pair counted at both of its frames
+        return {self.frames: (qc * (fa + fb)).sum(-1)}
+
+    def couplings(self) -> list:
+        return [tuple(self.frames)]

@@ -14,7 +14,16 @@ from __future__ import annotations
 import torch
 
 from fieldlib.errors import CardinalityError, FieldlibError, ShapeError
-from fieldlib.factors.base import Factor, Term, at, check_log_potential, positions, register_factor
+from fieldlib.factors.base import (
+    Factor,
+    Term,
+    at,
+    check_log_potential,
+    expected_log_table,
+    positions,
+    register_factor,
+)
+from fieldlib.variables import VariableArray
 
 __all__ = ["Table", "SparseTable"]
 
@@ -67,6 +76,23 @@ class Table(Factor):
             Term(tuple(at(s, p) for s in self.scope), t.select(axis, p), self.batched, self)
             for p in range(self.length)
         ]
+
+    # -- mean-field (see Factor.expected_messages): all positions in one einsum ------------
+    def expected_messages(self, q) -> dict:
+        if self.length is None:
+            return super().expected_messages(q)
+        return _positionwise_messages(self.scope, self.log_potential, self.batched, q)
+
+    def expected_energy(self, q) -> torch.Tensor:
+        if self.length is None:
+            return super().expected_energy(q)
+        return _positionwise_energy(self.scope, self.log_potential, self.batched, q).sum(-1)
+
+    def position_energy(self, q) -> dict:
+        if self.length is None:
+            return super().position_energy(q)
+        e = _positionwise_energy(self.scope, self.log_potential, self.batched, q)
+        return _credit_positions(self.scope, e, q)
 
 
 @register_factor("sparse_table")
@@ -137,3 +163,55 @@ class SparseTable(Factor):
             Term(tuple(at(s, p) for s in self.scope), dense.select(axis, p), self.batched, self)
             for p in range(self.length)
         ]
+
+    # -- mean-field: through the dense table (exact 0 · (-inf) handling off the list) ------
+    def expected_messages(self, q) -> dict:
+        if self.length is None:
+            return super().expected_messages(q)
+        return _positionwise_messages(self.scope, self.dense(), self.batched, q)
+
+    def expected_energy(self, q) -> torch.Tensor:
+        if self.length is None:
+            return super().expected_energy(q)
+        return _positionwise_energy(self.scope, self.dense(), self.batched, q).sum(-1)
+
+    def position_energy(self, q) -> dict:
+        if self.length is None:
+            return super().position_energy(q)
+        e = _positionwise_energy(self.scope, self.dense(), self.batched, q)
+        return _credit_positions(self.scope, e, q)
+
+
+def _slot_probs(scope, q) -> list[torch.Tensor]:
+    """Q of each scope slot as ``(N, L or 1, d)`` (a lone Variable is shared by positions)."""
+    return [q.probs(s) if isinstance(s, VariableArray) else q.probs(s).unsqueeze(1)
+            for s in scope]
+
+
+def _positionwise_messages(scope, table, batched, q) -> dict:
+    table = table if batched else table.unsqueeze(0)  # (N|1, L, d_1..d_k)
+    qs = _slot_probs(scope, q)
+    out: dict = {}
+    for a, s in enumerate(scope):
+        if q.wants(s):
+            m = expected_log_table(table, qs, keep=a)  # (N, L, d_a)
+            m = m if isinstance(s, VariableArray) else m.sum(1)
+            out[s] = out[s] + m if s in out else m
+    return out
+
+
+def _positionwise_energy(scope, table, batched, q) -> torch.Tensor:
+    table = table if batched else table.unsqueeze(0)
+    return expected_log_table(table, _slot_probs(scope, q)).expand(q.batch, -1)  # (N, L)
+
+
+def _credit_positions(scope, e: torch.Tensor, q) -> dict:
+    out: dict = {}
+    for s in scope:
+        if isinstance(s, VariableArray):
+            out[s] = out[s] + e if s in out else e
+        elif s.array is not None:
+            row = e.new_zeros(q.batch, s.array.size)
+            row[:, s.position] = e.sum(1)
+            out[s.array] = out[s.array] + row if s.array in out else row
+    return out

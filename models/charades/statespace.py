@@ -21,7 +21,6 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,19 +220,52 @@ class StateSpace:
         }
 
 
+def frame_class_table(
+    annotations: Annotations, fps: float = TRAIN_FPS, n_classes: int = N_CLASSES
+) -> dict[str, np.ndarray]:
+    """Every (video, training frame, active class) of a set of videos, vectorised.
+
+    Equals the concatenation of :func:`training_samples` (``one_per_frame=False``) over the
+    videos, in (video, frame, class) order. Returns int64 arrays ``video`` (row in
+    ``annotations``), ``frame``, ``cls``, ``progress`` and float64 ``time``, all [n].
+    """
+    if fps <= 0:
+        raise FieldlibError(f"fps must be positive, not {fps}")
+    tab = annotations.instance_table()
+    lengths = annotations.lengths
+    n = np.maximum(1, np.ceil(lengths * fps)).astype(np.int64)
+    last_ok = ((n - 1) / fps < lengths) | (n == 1)  # frame_times keeps t < length (or t = 0)
+    n_frames = np.where(last_ok, n, n - 1)
+    vid, s, e = tab["video"], tab["start"], tab["end"]
+    lo = np.maximum(0, np.floor(s * fps).astype(np.int64) - 1)
+    hi = np.minimum(n_frames[vid] - 1, np.ceil(np.minimum(e, lengths[vid]) * fps)
+                    .astype(np.int64) + 1)
+    count = np.maximum(hi - lo + 1, 0)
+    inst = np.repeat(np.arange(vid.size), count)
+    k = lo[inst] + np.arange(inst.size) - np.repeat(np.cumsum(count) - count, count)
+    t = k / fps
+    ok = (s[inst] <= t) & (t <= e[inst])
+    inst, k, t = inst[ok], k[ok], t[ok]
+    v, c = vid[inst], tab["cls"][inst]
+    key = (v * (int(n_frames.max(initial=1)) + 1) + k) * n_classes + c
+    _, first = np.unique(key, return_index=True)  # sorted keys; first-listed instance wins
+    inst, k, t, v, c = inst[first], k[first], t[first], v[first], c[first]
+    return {"video": v, "frame": k, "time": t, "cls": c,
+            "progress": progress_labels(t, s[inst], e[inst])}
+
+
 def build_state_space(
-    annotations: Annotations | Iterable[Video], labels: LabelSpace, fps: float = TRAIN_FPS,
+    annotations: Annotations, labels: LabelSpace, fps: float = TRAIN_FPS,
     scenes: Vocabulary | None = None,
 ) -> StateSpace:
     """Collect B from the training videos' frames at ``fps`` (one count per (frame, class)).
 
     ``scenes`` defaults to the distinct scene strings of these videos.
     """
-    videos = list(annotations)
-    counts = np.zeros((labels.n_classes, N_PROGRESS), dtype=np.int64)
-    for v in videos:
-        s = training_samples(v, fps, n_classes=labels.n_classes)
-        np.add.at(counts, (s["cls"], s["progress"]), 1)
+    table = frame_class_table(annotations, fps, labels.n_classes)
+    counts = np.bincount(table["cls"] * N_PROGRESS + table["progress"],
+                         minlength=labels.n_classes * N_PROGRESS)
+    counts = counts.reshape(labels.n_classes, N_PROGRESS).astype(np.int64)
     c, p = np.nonzero(counts)
     if labels.has_mapping:
         o, a = labels.class_object[c], labels.class_verb[c]
@@ -243,5 +275,5 @@ def build_state_space(
     lookup = np.full((labels.n_classes, N_PROGRESS), -1, dtype=np.int64)
     lookup[c, p] = np.arange(c.size)
     if scenes is None:
-        scenes = scene_vocabulary([v.scene for v in videos])
+        scenes = scene_vocabulary([v.scene for v in annotations])
     return StateSpace(labels, states, counts[c, p], scenes, lookup, float(fps))

@@ -1,0 +1,171 @@
+"""The factorised distribution Q of mean-field inference, stored group by group.
+
+Q(X) = Π_v Q_v(x_v) (MATH.md §3): one factor of Q per variable, where a variable with a
+:class:`~fieldlib.variables.BlockDomain` (a frame's joint states) is one factor of Q over all
+its block states (structured mean-field). Storage is batched and vectorised:
+
+* every :class:`~fieldlib.variables.VariableArray` is one group, a tensor ``(N, T, d)``;
+* stand-alone variables are pooled by cardinality, one tensor ``(N, n, d)`` per pool.
+
+Padded array positions hold all-zero rows, so every expectation over Q ignores them. The
+:class:`MeanFieldState` is also the view factors receive in
+:meth:`~fieldlib.factors.Factor.expected_messages` (``probs``, ``component_marginal``,
+``wants``, ``batch``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fieldlib.errors import FieldlibError
+from fieldlib.factors.frame_intent import component_map
+from fieldlib.variables import Variable, VariableArray
+
+__all__ = ["Group", "Layout", "MeanFieldState"]
+
+
+@dataclass
+class Group:
+    """One stored block of Q: an array (``array`` set) or a pool of stand-alone variables."""
+
+    index: int
+    size: int
+    card: int
+    variables: list[Variable]
+    array: VariableArray | None = None
+    domain: object = None
+    _components: dict = field(default_factory=dict)
+
+    def component_index(self, component: str | None) -> tuple[torch.Tensor, int]:
+        """State -> component value map of this group's (block) domain, cached."""
+        if component not in self._components:
+            self._components[component] = component_map(self.domain, component)
+        return self._components[component]
+
+
+class Layout:
+    """Where each variable of a graph lives in the grouped storage of Q."""
+
+    def __init__(self, graph):
+        self.groups: list[Group] = []
+        self.where: dict[Variable, tuple[int, int]] = {}
+        self.array_group: dict[VariableArray, int] = {}
+        for a in graph.arrays.values():
+            g = Group(len(self.groups), a.size, a.cardinality, list(a), a, a.domain)
+            self.groups.append(g)
+            self.array_group[a] = g.index
+            for t, v in enumerate(a):
+                self.where[v] = (g.index, t)
+        pools: dict[int, Group] = {}
+        for v in graph.variables.values():
+            if v in self.where:
+                continue
+            if v.cardinality not in pools:
+                pools[v.cardinality] = Group(len(self.groups), 0, v.cardinality, [],
+                                             domain=v.domain)
+                self.groups.append(pools[v.cardinality])
+            g = pools[v.cardinality]
+            self.where[v] = (g.index, g.size)
+            g.variables.append(v)
+            g.size += 1
+
+    def locate(self, item) -> tuple[int, int | None]:
+        """``(group, position)`` of a Variable, ``(group, None)`` of a VariableArray."""
+        if isinstance(item, VariableArray):
+            if item not in self.array_group:
+                raise FieldlibError(f"array {item.name!r} is not in this graph")
+            return self.array_group[item], None
+        if item not in self.where:
+            raise FieldlibError(f"variable {item.name!r} is not in this graph")
+        return self.where[item]
+
+
+class MeanFieldState:
+    """Q for a batch of N, as probabilities and logs per group, plus the factor-facing view.
+
+    Attributes:
+        q, logq: per group ``(N, L, d)`` (padding: q = 0, logq = -inf).
+        kernel_method: forwarded to KernelTemporal's kernel sums (``"auto"``, ...).
+    """
+
+    def __init__(self, layout: Layout, batch: int, dtype, device, kernel_method: str = "auto"):
+        self.layout, self.batch = layout, batch
+        self.dtype, self.device = dtype, device
+        self.kernel_method = kernel_method
+        self.q = [torch.zeros(batch, g.size, g.card, dtype=dtype, device=device)
+                  for g in layout.groups]
+        self.logq = [torch.full_like(t, float("-inf")) for t in self.q]
+        self._cache: dict = {}
+        self._want: dict[int, torch.Tensor | None] | None = None
+
+    @classmethod
+    def from_marginals(cls, graph, marginals, batch: int | None = None) -> MeanFieldState:
+        """A fixed Q from marginals keyed by array / variable name (as in a Result):
+        arrays ``([N,] T, d)``, stand-alone variables ``([N,] d)``."""
+        layout = Layout(graph)
+        first = next(iter(marginals.values()))
+        n = batch or graph.batch_size or 1
+        state = cls(layout, n, first.dtype, first.device)
+        for g in layout.groups:
+            if g.array is not None:
+                m = marginals[g.array.name]
+                m = m if m.dim() == 3 else m.unsqueeze(0)
+                state.q[g.index] = m.expand(n, -1, -1).detach()
+            else:
+                rows = []
+                for v in g.variables:
+                    m = marginals[v.name]
+                    rows.append((m if m.dim() == 2 else m.unsqueeze(0)).expand(n, -1))
+                state.q[g.index] = torch.stack(rows, 1).detach()
+        state.logq = [torch.log(q) for q in state.q]
+        return state
+
+    # -- the view factors use ----------------------------------------------------------------
+    def probs(self, item) -> torch.Tensor:
+        """Q of a Variable ``(N, d)`` or of a VariableArray ``(N, T, d)``."""
+        g, pos = self.layout.locate(item)
+        return self.q[g] if pos is None else self.q[g][:, pos]
+
+    def component_marginal(self, array: VariableArray, component: str | None) -> torch.Tensor:
+        """``(N, T, D)``: Q of every frame summed onto a block component (cached until the
+        group changes). ``component=None`` gives Q itself."""
+        g, _ = self.layout.locate(array)
+        if component is None:
+            return self.q[g]
+        key = (g, component)
+        if key not in self._cache:
+            index, size = self.layout.groups[g].component_index(component)
+            q = self.q[g]
+            out = q.new_zeros(*q.shape[:-1], size)
+            self._cache[key] = out.index_add_(-1, index.to(q.device), q)
+        return self._cache[key]
+
+    def wants(self, item) -> bool:
+        """Whether the current update needs a message to ``item``."""
+        if self._want is None:
+            return True
+        g, pos = self.layout.locate(item)
+        if g not in self._want:
+            return False
+        mask = self._want[g]
+        return mask is None or pos is None or bool(mask[pos])
+
+    # -- engine side ---------------------------------------------------------------------------
+    def set_wants(self, want: dict[int, torch.Tensor | None] | None) -> None:
+        """Groups (and per group an optional position mask ``(L,)``) being updated."""
+        self._want = want
+
+    def set_group(self, g: int, q: torch.Tensor, logq: torch.Tensor) -> None:
+        self.q[g], self.logq[g] = q, logq
+        for key in [k for k in self._cache if k[0] == g]:
+            del self._cache[key]
+
+    def entropy(self) -> torch.Tensor:
+        """``(N,)`` Σ_v H(Q_v) (0 log 0 = 0)."""
+        total = torch.zeros(self.batch, dtype=self.dtype, device=self.device)
+        for q, logq in zip(self.q, self.logq):
+            if q.numel():
+                total = total - torch.where(q > 0, q * logq, q.new_zeros(())).sum((1, 2))
+        return total
