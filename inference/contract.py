@@ -3,14 +3,22 @@
 An exact query is one contraction: log Z = log Σ_x Π_f φ_f(x_f), each operand a log-table
 labelled by variable ids plus the batch label :data:`BATCH`. This module
 
-* turns an elimination order into an opt_einsum-format path (a list of operand-position
-  tuples, contracted operands removed and the result appended), or takes a path from one of
-  opt_einsum's optimisers;
+* turns an elimination order into an opt_einsum-format path: one step per eliminated
+  variable, contracting every operand that holds it at once (bucket elimination), or takes
+  a path from one of opt_einsum's optimisers (pairwise steps);
 * accounts for what the executor really allocates, step by step, so an engine can refuse
   before it starts (:func:`path_cost`);
-* executes the path in the log semiring (exp-shift, ``torch.einsum``, ``safe_log``: the
-  pyro.ops.einsum.torch_log recipe, without its 26-symbol limit) or the max semiring with
-  back-pointers for MAP (:func:`contract_path`).
+* executes the path in the log semiring or in the max semiring with back-pointers for MAP
+  (:func:`contract_path`).
+
+How a sum step runs (:func:`_plan`): with nothing to sum out, the inputs are added in log
+space with broadcasting (one pass, no exp/log). Otherwise the inputs are split in two
+groups: the largest input plus every input whose labels it covers, and the rest. Each group
+is added in log space; then, when a summed label is in both groups, each group is shifted by
+its max over the summed labels, exponentiated, and the two are contracted with one
+``torch.einsum`` (a batched matmul: the clique is never materialised) before ``safe_log``
+and the shifts are added back (pyro.ops.einsum.torch_log's recipe). When no summed label is
+shared, each group is reduced by a log-sum-exp and the two are added.
 
 Labels are ints: variable ids >= 0 and ``BATCH = -1``, present in every operand and in the
 output.
@@ -19,6 +27,7 @@ output.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,12 +58,14 @@ class PathCost:
 
     Attributes:
         largest_intermediate: the largest step output (opt_einsum's figure).
-        largest_union: the largest union of a step's input labels (what a max-semiring step
-            materialises).
+        largest_union: the largest union of a step's input labels (the clique; what a
+            max-semiring step materialises).
         flops: Σ over steps of the union size (one multiply-add per element).
-        retained: elements kept alive for backward (exp'd inputs and outputs of each step).
-        peak: retained plus the largest transient of one step: an upper estimate of peak
-            memory for log Z with gradients (marginals).
+        retained: elements autograd keeps for the backward pass (exp'd groups and einsum
+            outputs of each summing step).
+        peak: simulated peak of live elements for log Z with gradients (marginals): the
+            inputs, what autograd retains, the live step results and the largest transient
+            of one step, forward or backward.
         map_peak: peak for a max-semiring pass (unions plus int64 back-pointers).
     """
 
@@ -71,23 +82,34 @@ def _size(labels, cards) -> int:
     return math.prod(cards[label] for label in labels)
 
 
+def _union(inputs) -> list[int]:
+    union: list[int] = []
+    seen: set[int] = set()
+    for lab in inputs:
+        for x in lab:
+            if x not in seen:
+                seen.add(x)
+                union.append(x)
+    return union
+
+
 def _simulate(labels: Sequence[tuple[int, ...]], path) -> list[Step]:
     """Replay an opt_einsum path over label tuples; a step keeps the labels that another
-    live operand (or the output, i.e. BATCH) still needs."""
+    live operand (or the output, i.e. BATCH) still needs. Linear in the path's size."""
     live = [tuple(lab) for lab in labels]
+    count: Counter = Counter()
+    for lab in live:
+        count.update(set(lab))
     steps = []
     for positions in path:
         positions = tuple(sorted(positions, reverse=True))
         inputs = tuple(live[p] for p in positions)
         for p in positions:
             live.pop(p)
-        needed = {BATCH}
-        for lab in live:
-            needed.update(lab)
-        union = []
         for lab in inputs:
-            union.extend(x for x in lab if x not in union)
-        out = tuple(x for x in union if x in needed)
+            count.subtract(set(lab))
+        out = tuple(x for x in _union(inputs) if x == BATCH or count[x] > 0)
+        count.update(out)
         steps.append(Step(positions, inputs, out))
         live.append(out)
     if len(live) != 1:
@@ -96,137 +118,214 @@ def _simulate(labels: Sequence[tuple[int, ...]], path) -> list[Step]:
 
 
 def order_to_path(labels: Sequence[tuple[int, ...]], order: Sequence[int], cards) -> list:
-    """Pairwise opt_einsum path from an elimination order.
-
-    For each variable in ``order`` the operands that hold it are combined two at a time,
-    smallest union first; the last combination sums the variable out. Whatever is left
-    (operands holding only the batch label) is combined at the end.
-    """
-    live = [tuple(lab) for lab in labels]
+    """opt_einsum path from an elimination order: one step per variable of ``order``,
+    contracting every live operand that holds it (its bucket); the operands left at the end
+    (holding only the batch label) are combined in a last step. ``cards`` is unused (kept
+    for callers)."""
+    del cards
+    live_ids = list(range(len(labels)))          # stable ids of live operands, in position order
+    holders: dict[int, set[int]] = {}
+    for i, lab in enumerate(labels):
+        for x in lab:
+            holders.setdefault(x, set()).add(i)
+    label_of = {i: tuple(lab) for i, lab in enumerate(labels)}
+    next_id = len(labels)
     path = []
-
-    def combine(ids: list[int]) -> None:
-        # ids index into `live`; repeatedly merge the pair with the smallest union
-        ids = list(ids)
-        while len(ids) > 1:
-            best = None
-            for a in range(len(ids)):
-                for b in range(a + 1, len(ids)):
-                    u = set(live[ids[a]]) | set(live[ids[b]])
-                    cost = _size(u, cards)
-                    if best is None or cost < best[0]:
-                        best = (cost, ids[a], ids[b])
-            _, i, j = best
-            _merge([i, j])
-            ids = [k for k in ids if k not in (i, j)]
-            ids = [k - (k > i) - (k > j) for k in ids] + [len(live) - 1]
-
-    def _merge(ids: list[int]) -> None:
-        ids = sorted(ids, reverse=True)
-        inputs = [live[k] for k in ids]
-        for k in ids:
-            live.pop(k)
-        needed = {BATCH}
-        for lab in live:
-            needed.update(lab)
-        union = []
-        for lab in inputs:
-            union.extend(x for x in lab if x not in union)
-        live.append(tuple(x for x in union if x in needed))
-        path.append(tuple(sorted(ids)))
-
+    count = Counter()
+    for lab in labels:
+        count.update(set(lab))
     for v in order:
-        bucket = [k for k, lab in enumerate(live) if v in lab]
+        bucket = holders.get(v)
         if not bucket:
             continue
-        if len(bucket) == 1:
-            _merge(bucket)  # sum v out of a lone operand
-        else:
-            combine(bucket)
-    if len(live) > 1:
-        combine(list(range(len(live))))
+        members = sorted(bucket)
+        positions = sorted(live_ids.index(i) for i in members)
+        inputs = [label_of[i] for i in members]
+        for i, lab in zip(members, inputs):
+            count.subtract(set(lab))
+            for x in lab:
+                holders[x].discard(i)
+        out = tuple(x for x in _union(inputs) if x == BATCH or count[x] > 0)
+        count.update(out)
+        for p in reversed(positions):
+            live_ids.pop(p)
+        live_ids.append(next_id)
+        label_of[next_id] = out
+        for x in out:
+            holders.setdefault(x, set()).add(next_id)
+        next_id += 1
+        path.append(tuple(positions))
+    if len(live_ids) > 1:
+        path.append(tuple(range(len(live_ids))))
     elif not path:
         path.append((0,))
     return path
 
 
+def _plan(inputs: Sequence[tuple[int, ...]], out: tuple[int, ...], size):
+    """How a sum step runs: ``(reduced, group_a, group_b)`` (see the module docstring).
+
+    ``group_a``/``group_b`` are lists of input indices; ``group_b`` is empty when every input
+    lies within the largest one's labels, and both are None when nothing is reduced.
+    """
+    union = _union(inputs)
+    outs = set(out)
+    reduced = [x for x in union if x not in outs]
+    if not reduced:
+        return reduced, None, None
+    sizes = [math.prod(size(x) for x in lab) for lab in inputs]
+    first = max(range(len(inputs)), key=lambda k: (sizes[k], -k))
+    cover = set(inputs[first])
+    group_a, group_b = [first], []
+    for k, lab in enumerate(inputs):
+        if k != first:
+            (group_a if cover.issuperset(lab) else group_b).append(k)
+    return reduced, group_a, group_b
+
+
+def _group_labels(inputs, group, out, reduced) -> tuple[int, ...]:
+    """Layout of a group's log-sum: its output labels in ``out`` order, then summed ones."""
+    have = set().union(*(inputs[k] for k in group))
+    return tuple(x for x in out if x in have) + tuple(x for x in reduced if x in have)
+
+
 def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
-    """Account for a path (see :class:`PathCost`); ``cards`` maps label -> size."""
+    """Account for a path (see :class:`PathCost`); ``cards`` maps label -> size.
+
+    The peak simulates the executor's allocations: each step's group sums, their shifted
+    exponentials (kept for backward), einsum's contiguous copies, its output (kept for
+    ``safe_log``'s backward) and the shifted result; backward allocates gradients of the
+    same sizes. It is an upper estimate (torch frees some of these earlier).
+    """
     steps = _simulate(labels, path)
-    largest = largest_union = flops = retained = transient = map_peak = 0
+    size = cards.__getitem__
     inputs_total = sum(_size(lab, cards) for lab in labels)
-    for s in steps:
-        union = set().union(*map(set, s.inputs))
-        u, o = _size(union, cards), _size(s.out, cards)
-        ins = sum(_size(lab, cards) for lab in s.inputs)
+    live_results: dict[int, int] = {}       # step index -> result size, until consumed
+    origin = list(range(-len(labels), 0))    # live list of step indices (<0: an input)
+    largest = largest_union = flops = retained = 0
+    peak = map_peak = back = 0
+    for n, s in enumerate(steps):
+        for p in s.positions:                # sorted descending: pops keep positions valid
+            src = origin.pop(p)
+            live_results.pop(src, None)
+        u, o = _size(_union(s.inputs), cards), _size(s.out, cards)
         largest, largest_union = max(largest, o), max(largest_union, u)
         flops += u
-        retained += ins + 2 * o          # exp'd inputs + einsum result + log result
-        transient = max(transient, 2 * ins + o)  # permuted copies inside torch.einsum
-        map_peak = max(map_peak, 3 * u + 2 * o)  # broadcast sum, max values, back-pointers
-    return PathCost(steps, largest, largest_union, flops, retained,
-                    inputs_total + retained + transient, inputs_total + map_peak)
+        reduced, ga, gb = _plan(s.inputs, s.out, size)
+        if ga is None:                       # log-add onto the output
+            transient, keep = 2 * o, 0
+            back = max(back, 2 * o)
+        else:
+            a = _size(_group_labels(s.inputs, ga, s.out, reduced), cards)
+            b = _size(_group_labels(s.inputs, gb, s.out, reduced), cards) if gb else 0
+            keep = a + b + o                 # exp'd groups and the einsum output
+            transient = 3 * (a + b) + 3 * o  # group sums, shifted, einsum copies, results
+            back = max(back, 3 * (a + b) + 3 * o)
+        current = inputs_total + retained + sum(live_results.values()) + transient + keep
+        peak = max(peak, current)
+        retained += keep
+        live_results[n] = o
+        origin.append(n)
+        map_peak = max(map_peak, 3 * u + 2 * o)
+    peak = max(peak, inputs_total + retained + back)
+    return PathCost(steps, largest, largest_union, flops, retained, peak,
+                    inputs_total + map_peak)
 
 
-def _equation(inputs, out) -> str:
+def _letters(labels) -> dict[int, str]:
     symbols: dict[int, str] = {}
-    for lab in (*inputs, out):
-        for x in lab:
-            if x not in symbols:
-                if len(symbols) == len(_LETTERS):
-                    raise TooLargeError(
-                        "one contraction step spans more than 52 variables; the graph is too "
-                        "wide for exact inference"
-                    )
-                symbols[x] = _LETTERS[len(symbols)]
-    ins = ",".join("".join(symbols[x] for x in lab) for lab in inputs)
-    return ins + "->" + "".join(symbols[x] for x in out)
+    for x in labels:
+        if x not in symbols:
+            if len(symbols) == len(_LETTERS):
+                raise TooLargeError(
+                    "one contraction step spans more than 52 variables; the graph is too "
+                    "wide for exact inference"
+                )
+            symbols[x] = _LETTERS[len(symbols)]
+    return symbols
 
 
-def _log_step(tensors, inputs, out):
-    """log Σ exp over the labels not in ``out``: exp-shift, einsum, safe_log, unshift."""
-    shifts, exps = [], []
+def _place(t: torch.Tensor, lab: tuple[int, ...], target: tuple[int, ...]) -> torch.Tensor:
+    """View ``t`` (axes ``lab``) on ``target``'s axes: permuted, size-1 where absent."""
+    pos = {x: i for i, x in enumerate(target)}
+    perm = sorted(range(len(lab)), key=lambda d: pos[lab[d]])
+    if perm != list(range(len(lab))):
+        t = t.permute(perm)
+    if len(lab) == len(target):
+        return t
+    shape = [1] * len(target)
+    for i, d in enumerate(perm):
+        shape[pos[lab[d]]] = t.shape[i]
+    return t.reshape(shape)
+
+
+def _log_add(tensors, inputs, target: tuple[int, ...]) -> torch.Tensor:
+    """Σ of log-tables placed on ``target`` (broadcast: the product of the potentials)."""
+    placed = sorted((_place(t, lab, target) for t, lab in zip(tensors, inputs)),
+                    key=lambda t: -t.numel())
+    total = placed[0]
+    for t in placed[1:]:
+        total = total + t
+    return total
+
+
+def _shift(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Max over the last ``k`` axes (detached, keepdim), -inf clamped to the lowest float."""
+    s = t.detach().amax(dim=tuple(range(t.dim() - k, t.dim())), keepdim=True)
+    return s.clamp(min=torch.finfo(t.dtype).min)
+
+
+def _sum_step(tensors, inputs, out):
+    """log Σ exp over the labels not in ``out`` (see the module docstring)."""
+    shape_of = {}
     for t, lab in zip(tensors, inputs):
-        reduce_dims = [d for d, x in enumerate(lab) if x not in out]
-        shift = t.detach()
-        if reduce_dims:
-            shift = shift.amax(dim=reduce_dims, keepdim=True)
-        shift = shift.clamp(min=torch.finfo(t.dtype).min)  # no -inf - -inf
-        exps.append((t - shift).exp())
-        kept = [x for x in lab if x in out]
-        s = shift.reshape([t.shape[d] for d, x in enumerate(lab) if x in out])
-        ordered = sorted(kept, key=out.index)
-        s = s.permute([kept.index(x) for x in ordered])
-        view = [s.shape[ordered.index(x)] if x in ordered else 1 for x in out]
-        shifts.append(s.reshape(view))
-    result = safe_log(torch.einsum(_equation(inputs, out), *exps))
-    for s in shifts:
-        result = result + s
-    return result
+        shape_of.update(zip(lab, t.shape))
+    reduced, ga, gb = _plan(inputs, out, shape_of.__getitem__)
+    if ga is None:
+        return _log_add(tensors, inputs, out)
+    groups = []
+    for group in (ga, gb) if gb else (ga,):
+        lab = _group_labels(inputs, group, out, reduced)
+        t = _log_add([tensors[k] for k in group], [inputs[k] for k in group], lab)
+        groups.append((t, lab, sum(1 for x in lab if x in reduced)))
+    if len(groups) == 2 and set(groups[0][1]) & set(groups[1][1]) & set(reduced):
+        (a, la, ka), (b, lb, kb) = groups
+        sa, sb = _shift(a, ka), _shift(b, kb)
+        symbols = _letters((*la, *lb, *out))
+        eq = "{},{}->{}".format(*("".join(symbols[x] for x in lab) for lab in (la, lb, out)))
+        result = safe_log(torch.einsum(eq, (a - sa).exp(), (b - sb).exp()))
+        for s, lab, k in ((sa, la, ka), (sb, lb, kb)):
+            kept = lab[: len(lab) - k]
+            s = s.reshape(s.shape[: len(kept)])
+            result = result + _place(s, kept, out)
+        return result
+    parts, part_labels = [], []
+    for t, lab, k in groups:
+        if k:
+            s = _shift(t, k)
+            t = safe_log((t - s).exp().sum(dim=tuple(range(t.dim() - k, t.dim()))))
+            t = t + s.reshape(t.shape)
+            lab = lab[: len(lab) - k]
+        parts.append(t)
+        part_labels.append(lab)
+    return _log_add(parts, part_labels, out)
 
 
 def _max_step(tensors, inputs, out):
     """max over the labels not in ``out``; also the flat argmax over those labels."""
-    union = []
-    for lab in inputs:
-        union.extend(x for x in lab if x not in union)
+    union = _union(inputs)
     reduced = [x for x in union if x not in out]
-    order = list(out) + reduced
+    order = tuple(out) + tuple(reduced)
     total = None
     for t, lab in zip(tensors, inputs):
-        perm = sorted(range(len(lab)), key=lambda d: order.index(lab[d]))
-        t = t.permute(perm)
-        placed = [lab[d] for d in perm]
-        shape = [t.shape[placed.index(x)] if x in placed else 1 for x in order]
-        t = t.reshape(shape)
+        t = _place(t, lab, order)
         total = t if total is None else total + t
-    shape = list(total.shape[: len(out)])
-    sizes = list(total.shape[len(out):])
     if not reduced:
         return total, None, []
+    shape = list(total.shape[: len(out)])
+    sizes = list(total.shape[len(out):])
     flat = total.reshape(shape + [-1])
-    # amax + argmax: torch.max(dim) is ~500x slower on small tensors in torch 2.14
-    values, arg = flat.amax(dim=-1), flat.argmax(dim=-1)
+    values, arg = flat.max(dim=-1)
     return values, arg, list(zip(reduced, sizes))
 
 
@@ -237,7 +336,7 @@ def contract_path(operands: Sequence[torch.Tensor], labels: Sequence[tuple[int, 
     Args:
         operands: log-tables, each with one axis per label (BATCH axis included).
         labels: label tuple of each operand.
-        path: opt_einsum-format path.
+        path: opt_einsum-format path (steps of any number of operands).
         semiring: ``"sum"`` (log-sum-exp: log Z) or ``"max"`` (max-sum: MAP score).
 
     Returns:
@@ -255,7 +354,7 @@ def contract_path(operands: Sequence[torch.Tensor], labels: Sequence[tuple[int, 
             if len(tensors) == 1 and step.out == step.inputs[0]:
                 result = tensors[0]
             else:
-                result = _log_step(tensors, step.inputs, step.out)
+                result = _sum_step(tensors, step.inputs, step.out)
         else:
             result, arg, reduced = _max_step(tensors, step.inputs, step.out)
             pointers.append((step.out, arg, reduced))

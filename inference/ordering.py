@@ -3,31 +3,42 @@
 The order decides everything: on ObjectDetection_11 opt_einsum's plain greedy path needs
 gigabytes where a good elimination order needs megabytes. We search orders on the
 interaction graph (variables adjacent when they share a factor) with two classic greedy
-scores, cardinality-aware:
+scores, both cardinality-aware:
 
-* ``weight``: eliminate the variable whose clique (itself and its neighbours) has the
-  fewest joint states;
 * ``fill``: eliminate the variable whose elimination adds the least fill-in, each new edge
-  weighted by the product of its endpoints' cardinalities (weighted min-fill).
+  weighted by the product of its endpoints' cardinalities (weighted min-fill); ties go to
+  the smaller clique;
+* ``weight``: eliminate the variable whose clique (itself and its neighbours) has the
+  fewest joint states (min-weight).
 
-The first two runs are deterministic (one per score); later runs add random noise to the
-scores and keep going until ``time_budget`` seconds have passed. The order with the smallest
-total cost Σ_v |clique(v)| (ties: smallest largest clique) wins.
+An order's cost is Σ_v |clique(v)| in joint states: the work of the contraction (each
+bucket step is one batched matmul over its clique, see contract.py); ties go to the smaller
+largest clique (its memory).
+
+Strategy (docs/benchmarks.md): the two deterministic runs always happen. Then randomised
+runs (each score multiplied by ``exp(noise * U)``, U uniform) repeat while they may pay
+off: the search stops when it has spent ``search_fraction`` of the predicted contraction
+time of the best order so far, or ``time_budget`` seconds, whichever is first. Small
+problems therefore stop after the deterministic runs, large ones search longer. A run is
+abandoned as soon as its running cost exceeds the best (branch and bound). Graphs are
+bitsets (Python ints) so a run on a few hundred variables takes milliseconds.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["OrderSearch", "elimination_order"]
+__all__ = ["OrderSearch", "elimination_order", "predicted_seconds"]
 
-#: Stop restarting once an order's total cost (joint states summed over cliques) is below
-#: this: the contraction then takes well under a millisecond per batch element.
-SMALL_COST = 1e5
+#: Calibrated on the UAI problems (2 CPU cores, float64, log Z and all marginals): seconds
+#: per clique element of the order's cost, and per elimination step.
+SECONDS_PER_ELEMENT = 1.5e-8
+SECONDS_PER_STEP = 2.5e-4
 
 
 @dataclass
@@ -42,87 +53,147 @@ class OrderSearch:
     seconds: float
 
 
-def _adjacency(scopes: Sequence[Sequence[int]], variables: Sequence[int]):
-    adj = {v: set() for v in variables}
-    for scope in scopes:
-        scope = [v for v in scope if v in adj]
-        for a in scope:
-            adj[a].update(x for x in scope if x != a)
-    return adj
+def predicted_seconds(cost: float, steps: int) -> float:
+    """Predicted time to contract (log Z and marginals) along an order of this cost."""
+    return cost * SECONDS_PER_ELEMENT + steps * SECONDS_PER_STEP
 
 
-def _greedy(adj0, cards, heuristic: str, rng: random.Random | None, noise: float):
-    adj = {v: set(n) for v, n in adj0.items()}
-    logc = {v: math.log(cards[v]) for v in adj}
+class _Graph:
+    """Interaction graph on local ids 0..n-1 as bitsets, with cardinality classes."""
 
-    def score(v):
-        nb = adj[v]
-        if heuristic == "weight":
-            s = logc[v] + sum(logc[u] for u in nb)
+    def __init__(self, scopes: Sequence[Sequence[int]], cards: dict[int, int],
+                 variables: Sequence[int]):
+        self.labels = list(dict.fromkeys(variables))
+        local = {v: i for i, v in enumerate(self.labels)}
+        self.n = len(self.labels)
+        self.cards = [int(cards[v]) for v in self.labels]
+        adj = [0] * self.n
+        for scope in scopes:
+            ids = [local[v] for v in scope if v in local]
+            mask = 0
+            for i in ids:
+                mask |= 1 << i
+            for i in ids:
+                adj[i] |= mask
+        self.adj = [a & ~(1 << i) for i, a in enumerate(adj)]
+        classes: dict[int, int] = {}
+        for i, c in enumerate(self.cards):
+            classes[c] = classes.get(c, 0) | (1 << i)
+        self.classes = list(classes.items())   # (cardinality, bitmask of its variables)
+
+
+def _greedy(g: _Graph, heuristic: str, rng: random.Random | None, noise: float,
+            bound: float = math.inf):
+    """One greedy elimination; returns ``(order, cost, largest)`` or None past ``bound``."""
+    adj = list(g.adj)
+    cards, classes = g.cards, g.classes
+
+    def clique(v: int) -> int:
+        size = cards[v]
+        for c, mask in classes:
+            k = (adj[v] & mask).bit_count()
+            if k:
+                size *= c ** k
+        return size
+
+    def weighted(bits: int) -> int:
+        return sum(c * (bits & mask).bit_count() for c, mask in classes)
+
+    def score(v: int) -> float:
+        size = clique(v)
+        if heuristic == "fill":
+            nb, x, fill = adj[v], adj[v], 0
+            while x:
+                low = x & -x
+                x ^= low
+                a = low.bit_length() - 1
+                missing = nb & ~adj[a] & ~low
+                if missing:
+                    fill += cards[a] * weighted(missing)
+            s = math.log1p(fill / 2) + 1e-3 * math.log(size)
         else:
-            nbl = list(nb)
-            s = 0.0
-            for i, a in enumerate(nbl):
-                na = adj[a]
-                for b in nbl[i + 1:]:
-                    if b not in na:
-                        s += cards[a] * cards[b]
-            s = math.log1p(s) + 1e-3 * (logc[v] + sum(logc[u] for u in nb))
+            s = math.log(size)
         if rng is not None:
             s += noise * rng.random()
         return s
 
-    scores = {v: score(v) for v in adj}
-    order, total, largest = [], 0.0, 0.0
-    while scores:
-        v = min(scores, key=scores.__getitem__)
-        nb = adj.pop(v)
-        del scores[v]
-        clique = math.exp(logc[v] + sum(logc[u] for u in nb))
-        total += clique
-        largest = max(largest, clique)
+    version = [0] * g.n
+    heap = [(score(v), v, 0) for v in range(g.n)]
+    heapq.heapify(heap)
+    done = [False] * g.n
+    order, total, largest = [], 0, 0
+    while heap:
+        _, v, ver = heapq.heappop(heap)
+        if done[v] or ver != version[v]:
+            continue
+        size = clique(v)
+        total += size
+        if total > bound:
+            return None
+        largest = max(largest, size)
+        done[v] = True
         order.append(v)
-        for a in nb:
-            adj[a].discard(v)
-            adj[a].update(u for u in nb if u != a)
-        touched = set(nb)
-        if heuristic == "fill":
-            for a in nb:
-                touched.update(adj[a])
-        for u in touched:
-            scores[u] = score(u)
+        nb, bit = adj[v], 1 << v
+        touched = nb
+        x = nb
+        while x:
+            low = x & -x
+            x ^= low
+            a = low.bit_length() - 1
+            adj[a] = (adj[a] | nb) & ~low & ~bit
+            if heuristic == "fill":
+                touched |= adj[a]
+        x = touched & ~bit
+        while x:
+            low = x & -x
+            x ^= low
+            a = low.bit_length() - 1
+            if not done[a]:
+                version[a] += 1
+                heapq.heappush(heap, (score(a), a, version[a]))
     return order, total, largest
 
 
 def elimination_order(scopes: Sequence[Sequence[int]], cards: dict[int, int],
                       variables: Sequence[int], time_budget: float = 0.3, seed: int = 0,
-                      min_restarts: int = 2) -> OrderSearch:
+                      min_restarts: int = 2, search_fraction: float = 0.5,
+                      noise: float = 0.5) -> OrderSearch:
     """Search an elimination order for ``variables`` given factor ``scopes``.
 
     Args:
         scopes: label tuples of the operands (other labels, e.g. the batch, are ignored).
         cards: label -> cardinality.
         variables: the labels to eliminate.
-        time_budget: seconds for randomised restarts after the deterministic runs.
-        seed: seeds the restarts (the result is deterministic given the budget's count).
+        time_budget: at most this many seconds of randomised restarts.
+        seed: seeds the restarts (runs are deterministic given their count).
+        min_restarts: runs always made (the first two are the deterministic ``fill`` and
+            ``weight`` runs).
+        search_fraction: stop once the search has taken this fraction of the predicted
+            contraction time of the best order found (see :func:`predicted_seconds`).
+        noise: amplitude of the random perturbation of scores in restarts.
     """
     start = time.perf_counter()
-    adj = _adjacency(scopes, variables)
+    g = _Graph(scopes, cards, variables)
     rng = random.Random(seed)
-    best = None
+    best: OrderSearch | None = None
     runs = 0
     while True:
-        heuristic = ("weight", "fill")[runs % 2]
+        heuristic = ("fill", "weight")[runs % 2]
         r = rng if runs >= 2 else None
-        order, total, largest = _greedy(adj, cards, heuristic, r, noise=0.7)
+        bound = math.inf if best is None else best.cost
+        found = _greedy(g, heuristic, r, noise, bound if r else math.inf)
         runs += 1
-        if best is None or (total, largest) < (best.cost, best.max_clique):
-            best = OrderSearch(order, total, largest, heuristic + ("+noise" if r else ""),
-                               runs, 0.0)
-        if runs >= min_restarts and (best.cost < SMALL_COST
-                                     or time.perf_counter() - start > time_budget):
-            break  # a cheap contraction is not worth searching further
-        if len(variables) <= 1:
+        if found is not None:
+            order, total, largest = found
+            if best is None or (total, largest) < (best.cost, best.max_clique):
+                best = OrderSearch([g.labels[i] for i in order], float(total), float(largest),
+                                   heuristic + ("+noise" if r else ""), runs, 0.0)
+        elapsed = time.perf_counter() - start
+        if g.n <= 1:
+            break
+        if runs >= min_restarts and (
+                elapsed > time_budget
+                or elapsed > search_fraction * predicted_seconds(best.cost, g.n)):
             break
     best.restarts = runs
     best.seconds = time.perf_counter() - start

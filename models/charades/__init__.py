@@ -55,7 +55,7 @@ from .statespace import (
     frame_numbers,
     frame_times,
     progress_labels,
-    test_times,
+    time_points,
     time_point_labels,
     training_samples,
 )
@@ -77,7 +77,7 @@ __all__ = [
     "read_classes", "read_mapping", "read_object_classes", "read_verb_classes",
     "scene_vocabulary",
     "StateSpace", "build_state_space", "frame_class_table", "frame_labels", "frame_numbers",
-    "frame_times", "progress_labels", "test_times", "time_point_labels", "training_samples",
+    "frame_times", "progress_labels", "time_points", "time_point_labels", "training_samples",
     "Submission", "read_submission", "read_classify_submission", "read_localize_submission",
     "write_classify_submission", "write_localize_submission",
     "EvalResult", "average_precision", "average_precision_loop", "stable_descending_order",

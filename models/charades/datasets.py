@@ -64,7 +64,7 @@ from .statespace import (
     frame_labels,
     frame_numbers,
     frame_times,
-    test_times,
+    time_points,
 )
 from .synthetic import FLOW_CHANNELS, SyntheticCharades
 
@@ -271,7 +271,7 @@ class CharadesVideos(Dataset):
     def sample_times(self, video: Video) -> np.ndarray:
         """The times (seconds, float64 [T]) this dataset samples from ``video``."""
         if self.times == "test":
-            return test_times(video.length, self.n_test)
+            return time_points(video.length, self.n_test)
         t = frame_times(video.length, float(self.times))
         if self.max_frames is not None and t.size > self.max_frames:
             t = t[np.linspace(0, t.size - 1, self.max_frames).round().astype(np.int64)]

@@ -65,13 +65,13 @@ def frame_times(length: float, fps: float = TRAIN_FPS) -> np.ndarray:
     return t[(t < length) | (np.arange(n) == 0)]
 
 
-def test_times(length: float, n: int = N_TEST_FRAMES) -> np.ndarray:
+def time_points(length: float, n: int = N_TEST_FRAMES) -> np.ndarray:
     """The official scorer's time points ``((k-1)/n) * length``, k = 1..n, float64 [n]."""
     return (np.arange(n, dtype=np.float64) / n) * np.float64(length)
 
 
-def test_times_matrix(lengths, n: int = N_TEST_FRAMES) -> np.ndarray:
-    """:func:`test_times` for many videos at once: float64 [n_videos, n] (same bits)."""
+def time_points_matrix(lengths, n: int = N_TEST_FRAMES) -> np.ndarray:
+    """:func:`time_points` for many videos at once: float64 [n_videos, n] (same bits)."""
     lengths = np.asarray(lengths, dtype=np.float64)
     return (np.arange(n, dtype=np.float64) / n)[None, :] * lengths[:, None]
 
@@ -133,7 +133,7 @@ def time_point_labels(annotations: Annotations, n: int = N_TEST_FRAMES,
     """Localization ground truth: bool [n_videos * n, n_classes], rows video-major
     (video i, point k at row ``i * n + k``), positive when ``start <= t_k <= end``
     (inclusive, MATH.md §8). Vectorised over all instances."""
-    times = test_times_matrix(annotations.lengths, n)
+    times = time_points_matrix(annotations.lengths, n)
     tab = annotations.instance_table()
     labels = np.zeros((len(annotations) * n, n_classes), dtype=bool)
     if tab["cls"].size:
