@@ -35,7 +35,8 @@ print("per-frame marginals (rows: frames):")
 for t, row in enumerate(result.marginals["x"]):
     print(f"  frame {t}: " + "  ".join(f"{activities[s]}={p:.3f}" for s, p in enumerate(row)))
 print("intent marginal:", [round(float(p), 4) for p in result.marginals["intent"]])
-print("MAP labelling:", [activities[s] for s in result.map["x"]], "intent", int(result.map["intent"]))
+print("MAP labelling:", [activities[s] for s in result.map["x"]],
+      "with intent", int(result.map["intent"]))
 
 check = get_engine("bruteforce")(graph)
 assert torch.allclose(check.log_z, result.log_z), "exact and brute force disagree"

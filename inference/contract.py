@@ -36,6 +36,8 @@ from pyro.ops.special import safe_log
 
 from fieldlib.errors import TooLargeError
 
+from .scaled import Unsafe, from_log, scaled_step, to_log
+
 __all__ = ["BATCH", "Step", "PathCost", "order_to_path", "path_cost", "contract_path",
            "backtrack"]
 
@@ -334,7 +336,7 @@ def contract_path(operands: Sequence[torch.Tensor], labels: Sequence[tuple[int, 
     """Contract log-tables along ``path``; the output keeps only :data:`BATCH`.
 
     Args:
-        operands: log-tables, each with one axis per label (BATCH axis included).
+        operands: log-tables, each with one axis per label, the BATCH axis first.
         labels: label tuple of each operand.
         path: opt_einsum-format path (steps of any number of operands).
         semiring: ``"sum"`` (log-sum-exp: log Z) or ``"max"`` (max-sum: MAP score).
@@ -342,30 +344,66 @@ def contract_path(operands: Sequence[torch.Tensor], labels: Sequence[tuple[int, 
     Returns:
         ``(result (N,), backpointers)``; backpointers (max semiring only) is a list of
         ``(out_labels, argmax, [(label, size), ...])`` per step, for :func:`backtrack`.
+
+    The sum semiring runs in scaled linear space while its range guard allows
+    (:mod:`.scaled`), and in log space from the first step where it does not.
     """
-    live = list(zip(operands, [tuple(lab) for lab in labels]))
-    pointers = []
-    for step in _simulate(labels, path):
-        group = [live[p] for p in step.positions]
-        for p in step.positions:
-            live.pop(p)
-        tensors = [g[0] for g in group]
-        if semiring == "sum":
-            if len(tensors) == 1 and step.out == step.inputs[0]:
-                result = tensors[0]
-            else:
-                result = _sum_step(tensors, step.inputs, step.out)
-        else:
-            result, arg, reduced = _max_step(tensors, step.inputs, step.out)
+    steps = _simulate(labels, path)
+    if semiring == "sum":
+        result, out = _contract_sum(operands, labels, steps)
+        pointers = []
+    else:
+        live = list(zip(operands, [tuple(lab) for lab in labels]))
+        pointers = []
+        for step in steps:
+            group = [live[p] for p in step.positions]
+            for p in step.positions:
+                live.pop(p)
+            result, arg, reduced = _max_step([g[0] for g in group], step.inputs, step.out)
             pointers.append((step.out, arg, reduced))
-        live.append((result, step.out))
-    (result, out), = live
+            live.append((result, step.out))
+        (result, out), = live
     if out != (BATCH,):
         perm = [out.index(BATCH)] + [d for d, x in enumerate(out) if x != BATCH]
         result = result.permute(perm)
         result = result.reshape(result.shape[0], -1)
         result = torch.logsumexp(result, -1) if semiring == "sum" else result.amax(-1)
     return result, pointers
+
+
+def _contract_sum(operands, labels, steps):
+    """Sum-product along ``steps``: scaled linear space, log space once the guard fails.
+    Returns the final log-table and its labels."""
+    live: list = from_log(list(operands), labels)
+    scaled = True
+    for step in steps:
+        group = [live[p] for p in step.positions]
+        for p in step.positions:
+            live.pop(p)
+        if scaled:
+            try:
+                if len(group) == 1 and set(step.out) == set(group[0].labels):
+                    live.append(group[0])
+                    continue
+                inputs = [g.labels for g in group]
+                shape_of = {}
+                for g in group:
+                    shape_of.update(zip(g.labels, g.t.shape))
+                plan = _plan(inputs, step.out, shape_of.__getitem__)
+                live.append(scaled_step(group, step.out, plan))
+                continue
+            except Unsafe:
+                scaled = False
+                live = [to_log(op) for op in live]
+                group = [to_log(op) for op in group]
+        tensors = [g[0] for g in group]
+        inputs = [g[1] for g in group]
+        if len(tensors) == 1 and step.out == inputs[0]:
+            live.append(group[0])
+        else:
+            live.append((_sum_step(tensors, inputs, step.out), step.out))
+    (final,) = live
+    return to_log(final) if scaled else final
 
 
 def backtrack(pointers, batch: int) -> dict[int, torch.Tensor]:

@@ -202,7 +202,8 @@ class VariableElimination(Engine):
                 score, pointers = contract_path(ops, prep.labels, path, "max")
                 labels_value = backtrack(pointers, prep.batch)
             assignment = {v: labels_value.get(graph.index(v),
-                                              torch.zeros(prep.batch, dtype=torch.long))
+                                              torch.zeros(prep.batch, dtype=torch.long,
+                                                          device=prep.device))
                           for v in prep.free}
         info["seconds"] = time.perf_counter() - t0
         if not (user_grad and torch.is_grad_enabled()):

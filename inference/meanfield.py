@@ -32,9 +32,10 @@ import time
 import torch
 
 from fieldlib.errors import FieldlibError, UnsupportedQueryError, ZeroProbabilityError
-from fieldlib.factors.base import OnComponent
+from fieldlib.factors.base import OnComponent, soft_impossible
 
 from .base import Engine, Result, register_engine
+from .meanfield_stack import stack_tables
 from .meanfield_state import Layout, MeanFieldState
 
 __all__ = ["MeanField"]
@@ -102,7 +103,8 @@ class MeanField(Engine):
         dtype, device = graph.dtype, graph.device
         state = MeanFieldState(layout, n, dtype, device, self.kernel_method)
         free, clamp = self._masks(graph, layout, ev, n, device)
-        constant, coupled = _split_factors(graph)
+        units = _units(graph, layout)
+        constant, coupled = _split_factors(units)
         phases = self._phases(layout, coupled)
 
         with torch.no_grad():
@@ -116,9 +118,18 @@ class MeanField(Engine):
                 for groups, factors in phases:
                     state.set_wants(groups)
                     msgs = self._collect(factors, state, layout, groups)
+                    soft = None
                     for g, mask in groups.items():
                         m = msgs.get(g)
                         m = unary[g] if m is None else m + unary[g]
+                        dead = torch.isneginf(m).all(-1) & free[g]
+                        if mask is not None:
+                            dead &= mask.to(device)[None, :]
+                        if bool(dead.any()):  # every state impossible under the others' Q:
+                            if soft is None:  # keep the states least often impossible
+                                with soft_impossible():
+                                    soft = self._collect(factors, state, layout, groups)
+                            m = torch.where(dead[..., None], soft[g] + unary[g], m)
                         change = torch.maximum(change, self._update(state, g, m, mask, free))
                 state.set_wants(None)
                 entry = {"iteration": it + 1, "max_change": _squeeze(change, batched)}
@@ -128,7 +139,7 @@ class MeanField(Engine):
                 if self.tol > 0 and float(change.max()) < self.tol:
                     converged = True
                     break
-        elbo = self._elbo(graph, state)  # differentiable in the potentials, Q held fixed
+        elbo = self._elbo(units, state)  # differentiable in the potentials, Q held fixed
         result = Result(engine=self.name, elbo=_squeeze(elbo, batched), trace=trace)
         if marginals:
             result.marginals = _marginals(graph, layout, state, batched)
@@ -192,6 +203,10 @@ class MeanField(Engine):
             return store[key]
 
         for f in factors:
+            if hasattr(f, "group_messages"):  # a TableStack (meanfield_stack.py)
+                for g, m in f.group_messages(state, groups).items():
+                    acc[g] = acc[g] + m if g in acc else m
+                continue
             for item, m in f.expected_messages(state).items():
                 g, pos = layout.locate(item)
                 if groups is not None and g not in groups:
@@ -273,16 +288,25 @@ class MeanField(Engine):
         return total
 
     @staticmethod
-    def _elbo(graph, state) -> torch.Tensor:
+    def _elbo(units, state) -> torch.Tensor:
         total = state.entropy()
-        for f in graph.factors:
-            total = total + f.expected_energy(state)
+        for f in units:
+            if hasattr(f, "group_messages"):
+                total = total + f.expected_energy(state, differentiable=True)
+            else:
+                total = total + f.expected_energy(state)
         return total
 
 
-def _split_factors(graph):
+def _units(graph, layout):
+    """The graph's factors, with small tables over stand-alone variables stacked."""
+    stacks, rest = stack_tables(graph.factors, layout)
+    return stacks + rest
+
+
+def _split_factors(units):
     constant, coupled = [], []
-    for f in graph.factors:
+    for f in units:
         (constant if all(len(c) <= 1 for c in f.couplings()) else coupled).append(f)
     return constant, coupled
 

@@ -134,7 +134,7 @@ def _greedy(g: _Graph, heuristic: str, rng: random.Random | None, noise: float,
         done[v] = True
         order.append(v)
         nb, bit = adj[v], 1 << v
-        touched = nb
+        around = 0
         x = nb
         while x:
             low = x & -x
@@ -142,8 +142,16 @@ def _greedy(g: _Graph, heuristic: str, rng: random.Random | None, noise: float,
             a = low.bit_length() - 1
             adj[a] = (adj[a] | nb) & ~low & ~bit
             if heuristic == "fill":
-                touched |= adj[a]
-        x = touched & ~bit
+                around |= adj[a]
+        touched = nb
+        # a non-neighbour's fill changes only if it sees two of v's neighbours (a new edge)
+        x = around & ~nb & ~bit
+        while x:
+            low = x & -x
+            x ^= low
+            if (adj[low.bit_length() - 1] & nb).bit_count() >= 2:
+                touched |= low
+        x = touched
         while x:
             low = x & -x
             x ^= low

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_DENSE_ELEMENTS",
     "OnComponent",
     "expected_log_table",
+    "soft_impossible",
 ]
 
 #: Refuse to build dense terms with more elements than this (all terms of a factor summed).
@@ -286,6 +288,21 @@ class OnComponent:
         self.message = message
 
 
+_PENALTY: list[float | None] = [None]
+
+
+@contextmanager
+def soft_impossible(penalty: float = 1e30):
+    """Inside this context :func:`expected_log_table` returns ``value - penalty * p`` in place
+    of -inf, p the probability put on impossible configurations: a mean-field engine uses
+    it to choose the least impossible states of a variable whose every state is -inf."""
+    _PENALTY[0], old = float(penalty), _PENALTY[0]
+    try:
+        yield
+    finally:
+        _PENALTY[0] = old
+
+
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -318,4 +335,6 @@ def expected_log_table(table: torch.Tensor, qs: Sequence[torch.Tensor],
         return torch.einsum(eq, full, *ops)
     value = torch.einsum(eq, full.masked_fill(neginf, 0.0), *ops)
     impossible = torch.einsum(eq, neginf.to(full.dtype), *ops)
+    if _PENALTY[0] is not None:
+        return value - _PENALTY[0] * impossible
     return value.masked_fill(impossible > 0, float("-inf"))

@@ -55,8 +55,8 @@ from .statespace import (
     frame_numbers,
     frame_times,
     progress_labels,
-    time_points,
     time_point_labels,
+    time_points,
     training_samples,
 )
 from .submission import (

@@ -120,7 +120,8 @@ def _print_result(res: EvalResult, labels: LabelSpace, top: int, read_s: float,
           "classes with positives")
     print(f"  wAP          {fmt(res.wap)}   weighted by positives per class")
     ranked = res.ranked()
-    for title, idx in ((f"best {top}", ranked[:top]), (f"worst {top}", ranked[::-1][:top])):
+    k = min(top, ranked.size)
+    for title, idx in ((f"best {k}", ranked[:k]), (f"worst {k}", ranked[::-1][:k])):
         print(f"  {title} classes:")
         for c in idx:
             print(f"    {labels.classes.ids[c]}  {res.ap[c]:.4f}  n_pos {int(res.n_pos[c]):5d}  "

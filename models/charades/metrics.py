@@ -160,8 +160,8 @@ def _result(task: str, scores: np.ndarray, labels: np.ndarray, n_missing: int) -
     with np.errstate(invalid="ignore"):
         mean = _seq_sum(ap) / ap.size
         ok = ~np.isnan(ap)
-        nanmean = _seq_sum(ap[ok]) / ok.sum() if ok.any() else float("nan")
-        wap = _seq_sum(ap * n_pos) / _seq_sum(n_pos.astype(np.float64))
+        nanmean = np.float64(_seq_sum(ap[ok])) / ok.sum() if ok.any() else float("nan")
+        wap = np.float64(_seq_sum(ap * n_pos)) / np.float64(_seq_sum(n_pos.astype(float)))
     return EvalResult(task, ap, n_pos, float(mean), float(nanmean), float(wap),
                       int(scores.shape[0]), n_missing)
 

@@ -71,20 +71,23 @@ def _first(lines: list[int], k: int = 3) -> str:
         ", ..." if len(lines) > k else "")
 
 
-def _parse_scores(texts: list[str], line_nos: list[int], path, n_classes: int) -> np.ndarray:
-    """Parse space-separated score strings (one per row) into float64 [n, n_classes]."""
+def _parse_scores(texts: list[str], line_nos: list[int], path, n_classes: int,
+                  skip: int = 0) -> np.ndarray:
+    """Parse space-separated rows into float64 [n, n_classes]; the first ``skip`` fields of
+    each row (id, frame) are not scores. Numbers follow float() (loadtxt, then a per-field
+    fallback that names the first bad field)."""
     if not texts:
         return np.zeros((0, n_classes), dtype=np.float64)
     try:
-        out = np.loadtxt(texts, dtype=np.float64, delimiter=" ", comments=None, ndmin=2)
+        out = np.loadtxt(texts, dtype=np.float64, delimiter=" ", comments=None, ndmin=2,
+                         usecols=range(skip, skip + n_classes), quotechar=None)
         if out.shape == (len(texts), n_classes):
             return out
     except ValueError:
         pass
-    # slow path: find the first offending field (float() semantics, as the fast path)
     out = np.empty((len(texts), n_classes), dtype=np.float64)
     for r, (text, n) in enumerate(zip(texts, line_nos)):
-        for k, tok in enumerate(text.split(" ")):
+        for k, tok in enumerate(text.split(" ")[skip:]):
             try:
                 out[r, k] = float(tok)
             except ValueError:
@@ -93,37 +96,44 @@ def _parse_scores(texts: list[str], line_nos: list[int], path, n_classes: int) -
     return out
 
 
-def read_submission(
-    path: str | Path, task: str, *, known_ids: Mapping[str, int] | Sequence[str] | None = None,
-    lenient: bool = False, n_classes: int = N_CLASSES, n_frames: int = N_TEST_FRAMES,
-) -> Submission:
-    """Read a classification or localization submission.
+def _scan_canonical(text: str, head: int, expected: int):
+    """Fast scan of a file in the canonical layout (single spaces, no tabs, no blank lines,
+    ``expected`` fields a line, plain digit frames). Returns ``(lines, ids, frames)`` or
+    ``None`` when anything differs; the careful per-line scan then decides."""
+    if "\t" in text or "\r" in text or "  " in text or "\n\n" in text or "\n " in text \
+            or " \n" in text or text[:1] in (" ", "\n") or text.endswith(" "):
+        return None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    ids, frames = [], []
+    for line in lines:
+        if line.count(" ") != expected - 1:
+            return None
+        i = line.find(" ")
+        ids.append(line[:i])
+        if head == 2:
+            f = line[i + 1:line.find(" ", i + 1)]
+            if not f.isdigit():
+                return None
+            frames.append(int(f))
+    return lines, ids, frames
 
-    ``known_ids``: the ground-truth ids (a mapping or sequence); rows with other ids are an
-    error (strict) or ignored (lenient). ``None`` accepts every id.
-    Raises FormatError (naming file and line) as listed in the module docstring.
-    """
-    if task not in TASKS:
-        raise FieldlibError(f"task must be one of {TASKS}, not {task!r}")
-    localize = task == "localize"
-    head = 2 if localize else 1
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: not UTF-8 text: {exc}") from exc
-    if known_ids is not None and not isinstance(known_ids, Mapping):
-        known_ids = {k: i for i, k in enumerate(known_ids)}
 
+def _unknown_message(path, n: int, vid: str) -> str:
+    return (f"{path}: line {n}: field id: unknown video {vid!r} (not in the ground truth; "
+            "--lenient ignores it as the official scorer)")
+
+
+def _scan_lines(text, path, head, expected, known_ids, lenient, n_classes):
+    """Careful per-line scan: tabs or single spaces, 158-field rows, error messages."""
+    localize = head == 2
     ids: list[str] = []
     frames: list[int] = []
     texts: list[str] = []
     line_nos: list[int] = []
     extra_field: list[int] = []
     unknown: list[int] = []
-    expected = head + n_classes
     for n, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r")
         if not line.strip():
@@ -153,15 +163,56 @@ def read_submission(
             frames.append(int(parts[1]))
         if known_ids is not None and vid not in known_ids:
             if not lenient:
-                raise FormatError(f"{path}: line {n}: field id: unknown video {vid!r} (not in "
-                                  "the ground truth; --lenient ignores it as the official "
-                                  "scorer)")
+                raise FormatError(_unknown_message(path, n, vid))
             unknown.append(n)
         ids.append(vid)
         texts.append(parts[head].replace("\t", " ") if sep == "\t" else parts[head])
         line_nos.append(n)
+    return texts, ids, frames, line_nos, extra_field, unknown
 
-    scores = _parse_scores(texts, line_nos, path, n_classes)
+
+def read_submission(
+    path: str | Path, task: str, *, known_ids: Mapping[str, int] | Sequence[str] | None = None,
+    lenient: bool = False, n_classes: int = N_CLASSES, n_frames: int = N_TEST_FRAMES,
+) -> Submission:
+    """Read a classification or localization submission.
+
+    ``known_ids``: the ground-truth ids (a mapping or sequence); rows with other ids are an
+    error (strict) or ignored (lenient). ``None`` accepts every id.
+    Raises FormatError (naming file and line) as listed in the module docstring.
+    """
+    if task not in TASKS:
+        raise FieldlibError(f"task must be one of {TASKS}, not {task!r}")
+    localize = task == "localize"
+    head = 2 if localize else 1
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not UTF-8 text: {exc}") from exc
+    if known_ids is not None and not isinstance(known_ids, Mapping):
+        known_ids = {k: i for i, k in enumerate(known_ids)}
+
+    expected = head + n_classes
+    fast = _scan_canonical(text, head, expected)
+    unknown: list[int] = []
+    extra_field: list[int] = []
+    if fast is not None:
+        texts, ids, frames = fast
+        line_nos = list(range(1, len(texts) + 1))
+        skip = head
+        if known_ids is not None:
+            unknown = [n for n, vid in zip(line_nos, ids) if vid not in known_ids]
+            if unknown and not lenient:
+                raise FormatError(_unknown_message(path, unknown[0], ids[unknown[0] - 1]))
+    else:
+        texts, ids, frames, line_nos, extra_field, unknown = _scan_lines(
+            text, path, head, expected, known_ids, lenient, n_classes)
+        skip = 0
+
+    scores = _parse_scores(texts, line_nos, path, n_classes, skip)
     lines = np.array(line_nos, dtype=np.int64)
     tolerated: list[str] = []
     if extra_field:
@@ -244,10 +295,12 @@ def read_localize_submission(path: str | Path, **kwargs) -> Submission:
     return read_submission(path, "localize", **kwargs)
 
 
-def _format_row(values: list[float], digits: int | None) -> str:
-    if digits is None:
-        return " ".join(map(repr, values))
-    return " ".join(f"{v:.{digits}g}" for v in values)
+def _row_format(n: int, digits: int | None) -> str | None:
+    return None if digits is None else " ".join([f"%.{int(digits)}g"] * n)
+
+
+def _format_row(values: list[float], fmt: str | None) -> str:
+    return " ".join(map(repr, values)) if fmt is None else fmt % tuple(values)
 
 
 def _check_scores(scores: np.ndarray, n: int, what: str) -> None:
@@ -267,9 +320,10 @@ def write_classify_submission(
     """
     scores = np.asarray(scores, dtype=np.float64)
     _check_scores(scores, len(ids), "classification submission")
+    fmt = _row_format(scores.shape[1], digits)
     with Path(path).open("w", encoding="utf-8") as f:
         for vid, row in zip(ids, scores.tolist()):
-            f.write(f"{vid} {_format_row(row, digits)}\n")
+            f.write(f"{vid} {_format_row(row, fmt)}\n")
 
 
 def write_localize_submission(
@@ -283,8 +337,9 @@ def write_localize_submission(
     if scores.ndim != 3:
         raise ShapeError(f"localization submission: scores must be [videos, frames, classes], "
                          f"got shape {tuple(scores.shape)}")
+    fmt = _row_format(scores.shape[2], digits)
     with Path(path).open("w", encoding="utf-8") as f:
         for vid, video in zip(ids, scores.tolist()):
             for k, row in enumerate(video, 1):
-                f.write(f"{vid} {k} {_format_row(row, digits)}\n")
+                f.write(f"{vid} {k} {_format_row(row, fmt)}\n")
 

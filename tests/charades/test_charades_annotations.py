@@ -49,9 +49,12 @@ def test_empty_and_quoted_fields(tmp_path):
                           r"start 2.0"),
     ("c001 abc 1.0", "5", r"line 3 \(video BAD\): field actions instance 1 start: 'abc' is "
                           r"not a number"),
-    ("c001 0 1.0e", "5", r"line 3 \(video BAD\): field actions instance 1 end: '1.0e' is not a number"),
-    ("c001 0", "5", r"line 3 \(video BAD\): field actions instance 1: 'c001 0' is not 'cNNN start end'"),
-    ("c001 -1 2", "5", r"line 3 \(video BAD\): field actions instance 1 start: '-1' is not a finite time"),
+    ("c001 0 1.0e", "5", r"line 3 \(video BAD\): field actions instance 1 end: '1.0e' is "
+                             r"not a number"),
+    ("c001 0", "5", r"line 3 \(video BAD\): field actions instance 1: 'c001 0' is not "
+                        r"'cNNN start end'"),
+    ("c001 -1 2", "5", r"line 3 \(video BAD\): field actions instance 1 start: '-1' is "
+                           r"not a finite time"),
     ("c001 0 1", "long", r"line 3 \(video BAD\): field length: 'long' is not a number"),
 ])
 def test_malformed_rows_name_file_row_field(tmp_path, actions, length, message):

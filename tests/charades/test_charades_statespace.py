@@ -16,8 +16,8 @@ from fieldlib.models.charades import (
     load_labels,
     progress_labels,
     read_annotations,
-    time_points,
     time_point_labels,
+    time_points,
     training_samples,
 )
 

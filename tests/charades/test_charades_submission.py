@@ -48,7 +48,7 @@ def test_tab_separated_is_official_and_accepted(tmp_path):
      r"sub.txt: line 2: 157 fields separated by single spaces, expected 158"),
     ([_row("A", range(157)) + " "], r"line 1: 159 fields .* trailing separator\? --lenient"),
     ([_row("A", range(157)).replace(" 3.0 ", "  3.0 ")], r"line 1: 159 fields"),
-    ([_row("A", range(156)) + "  "], r"line 1: field 158 is empty"),
+    ([_row("A", range(155)) + "  "], r"line 1: field 157 is empty"),
     ([_row("A", range(157)).replace(" 7.0 ", " nan ")], r"line 1: score field 8 is NaN"),
     ([_row("A", range(157)).replace(" 7.0 ", " 7,5 ")], r"line 1: score field 8: '7,5' is not "
                                                        r"a number"),

@@ -1,0 +1,263 @@
+"""Compare engines and gradients on a graph, as a table (DESIGN.md "verify gradients").
+
+    report = fieldlib.check.compare(graph, labels={"x": states})
+    print(report.table())
+
+Measures: the total-variation error of the approximate marginals (max over variables of
+½ Σ_x |p(x) - q(x)|), log Z beside the ELBO (the gap is >= 0), and for every potential the
+max absolute and the cosine error between the reference gradient and the approximate one:
+
+* with labels: autograd of the exact -log Σ_latent P(labels, latent) against autograd of the
+  mean-field surrogate (fieldlib.learning, sequence form);
+* without labels: the gradient of log Z (the exact marginals) against that of the ELBO with
+  Q held fixed (the mean-field marginals).
+
+:func:`toy_temporal_field` builds the small random temporal fields ``fieldlib gradcheck`` uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fieldlib.factors import Component, FrameIntent, KernelTemporal
+from fieldlib.graph import FactorGraph
+from fieldlib.variables import BlockDomain
+
+__all__ = [
+    "CheckRow",
+    "CheckReport",
+    "compare",
+    "compare_closed_form",
+    "marginal_error",
+    "gradient_error",
+    "toy_temporal_field",
+]
+
+
+@dataclass
+class CheckRow:
+    """One line of a report. ``None`` fields print as ``-``."""
+
+    check: str
+    quantity: str
+    max_abs: float | None = None
+    cosine: float | None = None
+    tv: float | None = None
+    log_z: float | None = None
+    elbo: float | None = None
+    must_hold: bool = False
+    ok: bool = True
+
+
+@dataclass
+class CheckReport:
+    rows: list[CheckRow] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every must-hold row holds."""
+        return all(r.ok for r in self.rows if r.must_hold)
+
+    def extend(self, other: CheckReport) -> CheckReport:
+        self.rows.extend(other.rows)
+        return self
+
+    def table(self) -> str:
+        head = ("check", "quantity", "max abs err", "cos", "marg TV", "log Z", "ELBO",
+                "must", "result")
+        lines = []
+        for r in self.rows:
+            lines.append((r.check, r.quantity, _fmt(r.max_abs, ".2e"), _fmt(r.cosine, ".9f"),
+                          _fmt(r.tv, ".2e"), _fmt(r.log_z, ".6f"), _fmt(r.elbo, ".6f"),
+                          "yes" if r.must_hold else "no",
+                          ("ok" if r.ok else "FAIL") if r.must_hold else "-"))
+        widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h)
+                  for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*x) for x in lines]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def marginal_error(reference: dict, approx: dict) -> float:
+    """Max over variables (and batch elements, frames) of the total-variation distance."""
+    worst = 0.0
+    for name, p in reference.items():
+        if name in approx:
+            tv = 0.5 * (p - approx[name]).abs().sum(-1)
+            worst = max(worst, float(tv.max()) if tv.numel() else 0.0)
+    return worst
+
+
+def gradient_error(reference: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    """``(max |a - b|, cosine(a, b))``; the cosine of two zero vectors is 1."""
+    a, b = reference.detach().flatten().double(), approx.detach().flatten().double()
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 and nb == 0.0:
+        cos = 1.0
+    elif na == 0.0 or nb == 0.0:
+        cos = 0.0
+    else:
+        cos = float(a @ b) / (na * nb)
+    return err, cos
+
+
+def _grads(scalar, params: dict) -> dict:
+    names = list(params)
+    gs = torch.autograd.grad(scalar, [params[k] for k in names], allow_unused=True,
+                             retain_graph=True)
+    return {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, gs)}
+
+
+def _default_params(graph) -> dict:
+    from fieldlib.learning import factor_parameters
+
+    return {k: t for k, t in factor_parameters(graph).items() if t.requires_grad}
+
+
+def compare(graph, labels=None, *, params: dict | None = None, engine=None, reference=None,
+            l2_intent: float = 0.0, name: str = "meanfield vs exact", expect_exact=False,
+            tol: float = 1e-9) -> CheckReport:
+    """Compare an approximate engine (default: sequential mean-field to tol 1e-10) with an
+    exact one (default ``"exact"``) on ``graph``: marginals, log Z vs ELBO, gradients.
+
+    Args:
+        labels: labelled arrays / variables (gradients of the NLL), or None (gradients of
+            log Z vs ELBO).
+        params: ``{name: tensor}`` to differentiate with respect to (default: every
+            potential of a built-in factor that requires grad).
+        expect_exact: the approximation should be exact here (e.g. no coupling): the
+            marginal, bound and gradient rows must then agree within ``tol`` (must-hold).
+            Otherwise only ELBO <= log Z (+ tol) must hold.
+    """
+    from fieldlib.inference import get_engine
+    from fieldlib.learning import _labels, exact_nll, meanfield_loss
+
+    engine = engine or get_engine("meanfield", schedule="sequential", tol=1e-10, max_iter=1000)
+    reference = reference or get_engine("exact")
+    params = _default_params(graph) if params is None else params
+    ref = reference(graph)
+    approx = engine(graph)
+    evidence = _labels(graph, labels) if labels is not None else None
+    report = CheckReport()
+    tv = marginal_error(ref.marginals, approx.marginals)
+    log_z = ref.log_z.detach().double()
+    elbo = approx.elbo.detach().double()
+    gap_ok = bool((elbo <= log_z + tol * (1 + log_z.abs())).all())
+    exact_ok = bool(((log_z - elbo).abs() <= tol * (1 + log_z.abs())).all())
+    report.rows.append(CheckRow(name, "marginals, log Z >= ELBO", tv=tv,
+                                log_z=float(log_z.sum()), elbo=float(elbo.sum()),
+                                must_hold=True, ok=gap_ok and (not expect_exact or (
+                                    exact_ok and tv <= math.sqrt(tol)))))
+    if params:
+        if labels is not None:
+            ref_scalar = exact_nll(graph, labels, reference).sum()
+            ref_scalar = ref_scalar + _penalty(graph, l2_intent)
+            approx_scalar = meanfield_loss(graph, labels, free=approx.marginals,
+                                           target=engine(graph, evidence).marginals,
+                                           l2_intent=l2_intent).loss
+            what = "d NLL"
+        else:
+            ref_scalar = ref.log_z.sum()
+            approx_scalar = approx.elbo.sum()
+            what = "d log Z"
+        g_ref, g_app = _grads(ref_scalar, params), _grads(approx_scalar, params)
+        for k in params:
+            err, cos = gradient_error(g_ref[k], g_app[k])
+            scale = 1.0 + float(g_ref[k].detach().abs().max()) if g_ref[k].numel() else 1.0
+            report.rows.append(CheckRow(name, f"{what}/{k}", err, cos, tv=tv,
+                                        must_hold=expect_exact,
+                                        ok=err <= math.sqrt(tol) * scale))
+    return report
+
+
+def _penalty(graph, l2_intent):
+    from fieldlib.learning import intent_penalty
+
+    return intent_penalty(graph, l2_intent)
+
+
+def compare_closed_form(graph, labels, *, params: dict | None = None, engine=None,
+                        l2_intent: float = 0.0, tol: float = 1e-10,
+                        forms=("sequence", "frame")) -> CheckReport:
+    """Closed-form mean-field gradients (MATH.md §6) against autograd of the surrogate, for
+    each form; must agree to rounding (max abs error <= tol · (1 + max |gradient|))."""
+    from fieldlib.learning import closed_form_gradients, meanfield_loss
+
+    params = _default_params(graph) if params is None else params
+    report = CheckReport()
+    base = meanfield_loss(graph, labels, engine=engine, l2_intent=l2_intent)
+    for form in forms:
+        loss = meanfield_loss(graph, labels, form=form, free=base.free, target=base.target,
+                              l2_intent=l2_intent)
+        auto = _grads(loss.loss, params)
+        closed = closed_form_gradients(graph, base.free, base.target, form=form,
+                                       l2_intent=l2_intent)
+        for k in params:
+            if k not in closed:
+                continue
+            err, cos = gradient_error(closed[k], auto[k])
+            scale = 1.0 + float(closed[k].abs().max())
+            report.rows.append(CheckRow(f"closed form vs autograd ({form})", k, err, cos,
+                                        must_hold=True, ok=err <= tol * scale))
+    return report
+
+
+def toy_temporal_field(seed: int = 0, *, frames: int | None = None, coupling: bool = True,
+                       dtype: torch.dtype = torch.float64):
+    """A random small temporal field: ``(graph, params, labels)``.
+
+    Frames are block variables over (c, o, a, p, s) tuples: a random set B of (c, o, a, p)
+    tuples times the scenes; φX = φ(o,p) + φ(a,p) + φ(o,s) + φ(c,o,a,p) (the last sparse on
+    B), a latent intent with φXI on objects, and µ on objects with a Gaussian kernel. With
+    ``coupling=False`` µ = 0 and φXI = 0 (mean-field is then exact). ``params`` maps
+    ``"<factor>.<attribute>"`` to the leaf tensors (requires_grad); ``labels`` is
+    ``{"x": states}``.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=dtype) * scale).requires_grad_(True)
+
+    def pick(k):
+        return int(torch.randint(k, (1,), generator=gen))
+
+    t = frames or 2 + pick(2)
+    cards = {"c": 2, "o": 2 + pick(2), "a": 2, "p": 2, "s": 2}
+    space = torch.cartesian_prod(*(torch.arange(cards[k]) for k in "coap"))
+    b = space[torch.randperm(len(space), generator=gen)[: 4 + pick(3)]]
+    tuples = torch.cat([torch.cat([b, torch.full((len(b), 1), s)], 1) for s in range(2)])
+    domain = BlockDomain(cards, tuples)
+    n_intent = 2 + pick(2)
+    g = FactorGraph()
+    x = g.array("x", t, domain)
+    intent = g.variable("I", n_intent)
+    scale = 1.0 if coupling else 0.0
+    params = {
+        "phi_op.table": rand(t, cards["o"], cards["p"]),
+        "phi_ap.table": rand(t, cards["a"], cards["p"]),
+        "phi_os.table": rand(t, cards["o"], cards["s"]),
+        "phi_coap.table": rand(t, len(b)),
+        "phi_xi.table": rand(t, cards["o"], n_intent, scale=scale),
+        "mu.mu": rand(cards["o"], cards["o"], scale=scale),
+    }
+    g.add(Component(x, ("o", "p"), params["phi_op.table"], name="phi_op"),
+          Component(x, ("a", "p"), params["phi_ap.table"], name="phi_ap"),
+          Component(x, ("o", "s"), params["phi_os.table"], name="phi_os"),
+          Component(x, ("c", "o", "a", "p"), params["phi_coap.table"], configs=b,
+                    name="phi_coap"),
+          FrameIntent(x, intent, params["phi_xi.table"], component="o", name="phi_xi"),
+          KernelTemporal(x, params["mu.mu"], kernel=1.5, component="o", name="mu"))
+    labels = {"x": torch.randint(len(tuples), (t,), generator=gen)}
+    return g, params, labels
