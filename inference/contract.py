@@ -27,21 +27,22 @@ output.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from pyro.ops.special import safe_log
 
 from fieldlib.errors import TooLargeError
 
-from .scaled import Unsafe, from_log, scaled_step, to_log
+from .scaled import Unsafe, from_log, safe_log, scaled_step, to_log
 
 __all__ = ["BATCH", "Step", "PathCost", "order_to_path", "path_cost", "contract_path",
            "backtrack"]
 
 BATCH = -1
+#: Elements added to every peak estimate: torch's and autograd's own working memory
+#: (32 MiB in float64, measured on the small UAI problems).
+FIXED_OVERHEAD = 2**22
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -99,9 +100,10 @@ def _simulate(labels: Sequence[tuple[int, ...]], path) -> list[Step]:
     """Replay an opt_einsum path over label tuples; a step keeps the labels that another
     live operand (or the output, i.e. BATCH) still needs. Linear in the path's size."""
     live = [tuple(lab) for lab in labels]
-    count: Counter = Counter()
+    count: dict[int, int] = {}
     for lab in live:
-        count.update(set(lab))
+        for x in lab:
+            count[x] = count.get(x, 0) + 1
     steps = []
     for positions in path:
         positions = tuple(sorted(positions, reverse=True))
@@ -109,9 +111,11 @@ def _simulate(labels: Sequence[tuple[int, ...]], path) -> list[Step]:
         for p in positions:
             live.pop(p)
         for lab in inputs:
-            count.subtract(set(lab))
+            for x in lab:
+                count[x] -= 1
         out = tuple(x for x in _union(inputs) if x == BATCH or count[x] > 0)
-        count.update(out)
+        for x in out:
+            count[x] += 1
         steps.append(Step(positions, inputs, out))
         live.append(out)
     if len(live) != 1:
@@ -133,9 +137,10 @@ def order_to_path(labels: Sequence[tuple[int, ...]], order: Sequence[int], cards
     label_of = {i: tuple(lab) for i, lab in enumerate(labels)}
     next_id = len(labels)
     path = []
-    count = Counter()
+    count: dict[int, int] = {}
     for lab in labels:
-        count.update(set(lab))
+        for x in lab:
+            count[x] = count.get(x, 0) + 1
     for v in order:
         bucket = holders.get(v)
         if not bucket:
@@ -144,11 +149,12 @@ def order_to_path(labels: Sequence[tuple[int, ...]], order: Sequence[int], cards
         positions = sorted(live_ids.index(i) for i in members)
         inputs = [label_of[i] for i in members]
         for i, lab in zip(members, inputs):
-            count.subtract(set(lab))
             for x in lab:
+                count[x] -= 1
                 holders[x].discard(i)
         out = tuple(x for x in _union(inputs) if x == BATCH or count[x] > 0)
-        count.update(out)
+        for x in out:
+            count[x] += 1
         for p in reversed(positions):
             live_ids.pop(p)
         live_ids.append(next_id)
@@ -191,13 +197,26 @@ def _group_labels(inputs, group, out, reduced) -> tuple[int, ...]:
     return tuple(x for x in out if x in have) + tuple(x for x in reduced if x in have)
 
 
+def _partials(inputs, group, cards) -> list[int]:
+    """Sizes of the partial products :func:`scaled._product` forms for ``group``: members
+    smallest first, each partial over the union so far."""
+    members = sorted((inputs[k] for k in group), key=lambda lab: _size(lab, cards))
+    have = set(members[0])
+    sizes = []
+    for lab in members[1:]:
+        have |= set(lab)
+        sizes.append(_size(have, cards))
+    return sizes
+
+
 def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
     """Account for a path (see :class:`PathCost`); ``cards`` maps label -> size.
 
-    The peak simulates the executor's allocations: each step's group sums, their shifted
-    exponentials (kept for backward), einsum's contiguous copies, its output (kept for
-    ``safe_log``'s backward) and the shifted result; backward allocates gradients of the
-    same sizes. It is an upper estimate (torch frees some of these earlier).
+    The peak simulates the sum executor (:mod:`.scaled`, its default path): the inputs and
+    their exponentials; per step, the partial products of each group (kept by autograd for
+    the backward pass), the einsum or sum result (live until a later step consumes it);
+    backward allocates gradients as large as the step's largest tensors. Measured peaks on
+    the UAI problems stay below this estimate (docs/benchmarks.md).
     """
     steps = _simulate(labels, path)
     size = cards.__getitem__
@@ -214,24 +233,29 @@ def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
         largest, largest_union = max(largest, o), max(largest_union, u)
         flops += u
         reduced, ga, gb = _plan(s.inputs, s.out, size)
-        if ga is None:                       # log-add onto the output
-            transient, keep = 2 * o, 0
-            back = max(back, 2 * o)
+        if ga is None:
+            parts = _partials(s.inputs, range(len(s.inputs)), cards)
         else:
-            a = _size(_group_labels(s.inputs, ga, s.out, reduced), cards)
-            b = _size(_group_labels(s.inputs, gb, s.out, reduced), cards) if gb else 0
-            keep = a + b + o                 # exp'd groups and the einsum output
-            transient = 3 * (a + b) + 3 * o  # group sums, shifted, einsum copies, results
-            back = max(back, 3 * (a + b) + 3 * o)
-        current = inputs_total + retained + sum(live_results.values()) + transient + keep
+            parts = _partials(s.inputs, ga, cards) + (_partials(s.inputs, gb, cards)
+                                                       if gb else [])
+        keep = sum(parts)                    # partial products saved for backward
+        # the two einsum operands (group products, or the largest member alone)
+        sides = [max(parts, default=0)] if ga is None else [
+            max(_partials(s.inputs, g, cards) or [_size(s.inputs[g[0]], cards)])
+            for g in (ga, gb) if g]
+        # forward: einsum's contiguous copies, its output and the normalised copy;
+        # backward: gradients of both operands, their copies, and of the output
+        transient = 2 * sum(sides) + 2 * o
+        back = max(back, 3 * sum(sides) + 3 * o)
+        current = 2 * inputs_total + retained + sum(live_results.values()) + keep + transient
         peak = max(peak, current)
         retained += keep
         live_results[n] = o
         origin.append(n)
         map_peak = max(map_peak, 3 * u + 2 * o)
-    peak = max(peak, inputs_total + retained + back)
-    return PathCost(steps, largest, largest_union, flops, retained, peak,
-                    inputs_total + map_peak)
+    peak = max(peak, 2 * inputs_total + retained + back)
+    return PathCost(steps, largest, largest_union, flops, retained,
+                    2 * peak + FIXED_OVERHEAD, inputs_total + map_peak + FIXED_OVERHEAD)
 
 
 def _letters(labels) -> dict[int, str]:

@@ -103,6 +103,7 @@ class MeanField(Engine):
         dtype, device = graph.dtype, graph.device
         state = MeanFieldState(layout, n, dtype, device, self.kernel_method)
         free, clamp = self._masks(graph, layout, ev, n, device)
+        self._all_free = [bool(f.all()) for f in free]
         units = _units(graph, layout)
         constant, coupled = _split_factors(units)
         phases = self._phases(layout, coupled)
@@ -118,19 +119,19 @@ class MeanField(Engine):
                 for groups, factors in phases:
                     state.set_wants(groups)
                     msgs = self._collect(factors, state, layout, groups)
-                    soft = None
+                    soft: list = []
+
+                    def soft_messages(groups=groups, factors=factors, soft=soft):
+                        if not soft:  # messages with -inf replaced by a huge penalty
+                            with soft_impossible():
+                                soft.append(self._collect(factors, state, layout, groups))
+                        return soft[0]
+
                     for g, mask in groups.items():
                         m = msgs.get(g)
                         m = unary[g] if m is None else m + unary[g]
-                        dead = torch.isneginf(m).all(-1) & free[g]
-                        if mask is not None:
-                            dead &= mask.to(device)[None, :]
-                        if bool(dead.any()):  # every state impossible under the others' Q:
-                            if soft is None:  # keep the states least often impossible
-                                with soft_impossible():
-                                    soft = self._collect(factors, state, layout, groups)
-                            m = torch.where(dead[..., None], soft[g] + unary[g], m)
-                        change = torch.maximum(change, self._update(state, g, m, mask, free))
+                        change = torch.maximum(
+                            change, self._update(state, g, m, mask, free, unary, soft_messages))
                 state.set_wants(None)
                 entry = {"iteration": it + 1, "max_change": _squeeze(change, batched)}
                 if self.track_elbo:
@@ -229,7 +230,8 @@ class MeanField(Engine):
                     buf[:, pos] += m
         for (g, comp), buf in on_comp.items():
             index = layout.groups[g].component_index(comp)[0].to(buf.device)
-            gathered = buf.index_select(-1, index)
+            # gather (not index_select: several times slower along the last axis on CPU)
+            gathered = buf.gather(-1, index.expand(*buf.shape[:-1], len(index)))
             acc[g] = acc[g] + gathered if g in acc else gathered
         return acc
 
@@ -259,23 +261,34 @@ class MeanField(Engine):
             logq = torch.where(active[..., None], logq, logq.new_full((), float("-inf")))
             state.set_group(i, logq.exp(), logq)
 
-    def _update(self, state, g, msg, mask, free) -> torch.Tensor:
-        """Replace Q of group ``g`` where ``mask`` (positions) and free; the max change."""
-        old_q, old_logq = state.q[g], state.logq[g]
-        dead = torch.isneginf(msg).all(-1, keepdim=True)  # no state possible: keep Q
-        logq = torch.log_softmax(msg.masked_fill(dead, 0.0), -1)
+    def _update(self, state, g, msg, mask, free, unary, soft_messages) -> torch.Tensor:
+        """Replace Q of group ``g`` at the free positions of ``mask`` (None: all) with the
+        normalised ``msg``, damped; returns the max change per batch element.
+
+        A row whose every state is -inf (the others' Q give each state probability zero)
+        takes the states least often impossible instead (messages under
+        ``soft_impossible``); a row still impossible keeps its Q."""
+        old = state.q[g]
+        q = torch.softmax(msg, -1)
+        dead = torch.isnan(q[..., :1])  # all -inf rows come out NaN
+        any_dead = bool(dead.any())
+        if any_dead:
+            soft = soft_messages().get(g)
+            if soft is not None:
+                q = torch.where(dead, torch.softmax(soft + unary[g], -1), q)
+            dead = torch.isnan(q[..., :1])
+            any_dead = bool(dead.any())
         a = self.damping
         if a > 0:
             if self.damping_space == "prob":
-                logq = torch.log((1 - a) * logq.exp() + a * old_q)
+                q = (1 - a) * q + a * old
             else:
-                logq = torch.log_softmax((1 - a) * logq + a * old_logq, -1)
-        upd = free[g] if mask is None else free[g] & mask.to(free[g].device)[None, :]
-        upd = upd[..., None] & ~dead
-        logq = torch.where(upd, logq, old_logq)
-        q = logq.exp()
-        state.set_group(g, q, logq)
-        return (q - old_q).abs().amax((1, 2)) if q.numel() else q.new_zeros(q.shape[0])
+                q = torch.softmax((1 - a) * torch.log(q) + a * state.logq[g], -1)
+        if mask is not None or not self._all_free[g] or any_dead:
+            upd = free[g] if mask is None else free[g] & mask.to(free[g].device)[None, :]
+            q = torch.where(dead | ~upd[..., None], old, q)
+        state.set_group(g, q, None)
+        return (q - old).abs().amax((1, 2)) if q.numel() else q.new_zeros(q.shape[0])
 
     def _elbo_fast(self, state, coupled, unary) -> torch.Tensor:
         """ELBO with the constant (one-variable) factors' energy read off their messages."""

@@ -96,7 +96,7 @@ class MeanFieldState:
         self.kernel_method = kernel_method
         self.q = [torch.zeros(batch, g.size, g.card, dtype=dtype, device=device)
                   for g in layout.groups]
-        self.logq = [torch.full_like(t, float("-inf")) for t in self.q]
+        self._logq: list[torch.Tensor | None] = [None] * len(self.q)
         self._cache: dict = {}
         self._want: dict[int, torch.Tensor | None] | None = None
 
@@ -119,7 +119,6 @@ class MeanFieldState:
                     m = marginals[v.name]
                     rows.append((m if m.dim() == 2 else m.unsqueeze(0)).expand(n, -1))
                 state.q[g.index] = torch.stack(rows, 1).detach()
-        state.logq = [torch.log(q) for q in state.q]
         return state
 
     # -- the view factors use ----------------------------------------------------------------
@@ -157,10 +156,19 @@ class MeanFieldState:
         """Groups (and per group an optional position mask ``(L,)``) being updated."""
         self._want = want
 
-    def set_group(self, g: int, q: torch.Tensor, logq: torch.Tensor) -> None:
-        self.q[g], self.logq[g] = q, logq
+    def set_group(self, g: int, q: torch.Tensor, logq: torch.Tensor | None = None) -> None:
+        """Store Q of group ``g`` (its log computed on demand when not given)."""
+        self.q[g], self._logq[g] = q, logq
         for key in [k for k in self._cache if k[0] == g]:
             del self._cache[key]
+
+    @property
+    def logq(self) -> list[torch.Tensor]:
+        """log Q per group (-inf where Q = 0), computed lazily."""
+        for g, q in enumerate(self.q):
+            if self._logq[g] is None:
+                self._logq[g] = torch.log(q)
+        return self._logq
 
     def entropy(self) -> torch.Tensor:
         """``(N,)`` Σ_v H(Q_v) (0 log 0 = 0)."""

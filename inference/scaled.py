@@ -23,9 +23,31 @@ import math
 from dataclasses import dataclass
 
 import torch
-from pyro.ops.special import safe_log
 
-__all__ = ["Scaled", "Unsafe", "from_log", "to_log", "scaled_step"]
+__all__ = ["Scaled", "Unsafe", "from_log", "to_log", "scaled_step", "safe_log"]
+
+
+class _SafeLog(torch.autograd.Function):
+    """log x whose gradient is 1/x where x > 0 and 0 where x == 0 (an impossible state
+    contributes nothing). pyro's safe_log clamps x at machine epsilon in backward, which is
+    wrong for the tiny (unnormalised) values scaled contraction produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.log()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        positive = x > 0
+        return torch.where(positive, grad / torch.where(positive, x, torch.ones_like(x)),
+                           torch.zeros_like(grad))
+
+
+def safe_log(x: torch.Tensor) -> torch.Tensor:
+    """Natural log with a finite gradient at 0 (see :class:`_SafeLog`)."""
+    return _SafeLog.apply(x)
 
 
 class Unsafe(Exception):

@@ -76,7 +76,12 @@ class FrameIntent(Factor):
 
     # -- mean-field (MATH.md §3-4): messages on the component, all frames at once ----------
     def _finite(self) -> bool:
-        return not bool(torch.isneginf(self.table).any())
+        """Whether φXI has no -inf (checked once per table object)."""
+        cached = getattr(self, "_finite_cache", None)
+        if cached is None or cached[0] is not self.table:
+            cached = (self.table, not bool(torch.isneginf(self.table).any()))
+            self._finite_cache = cached
+        return cached[1]
 
     def _eq(self, spec: str) -> str:
         """An einsum spec whose table operand ``ntdi`` drops ``n`` when unbatched."""

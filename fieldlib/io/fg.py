@@ -58,7 +58,7 @@ def parse_fg(text: str, where: str = "<string>") -> TableModel:
                 raise tok.error(f"factor {j} lists variable {label} twice", pos)
             labels.append(label)
         cards = []
-        for t, label in enumerate(labels):
+        for label in labels:
             pos = tok.pos
             d = tok.integer(f"the domain size of variable {label} in factor {j}", low=1)
             if label in card_of and card_of[label][0] != d:

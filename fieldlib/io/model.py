@@ -76,7 +76,7 @@ class TableModel:
         variables = [graph.variable(name, card) for name, card in zip(self.names, self.cards)]
         with np.errstate(divide="ignore"):
             for k, (scope, table) in enumerate(zip(self.scopes, self.tables)):
-                log = torch.from_numpy(np.log(table)).to(dtype)
+                log = torch.from_numpy(np.asarray(np.log(table))).to(dtype)
                 graph.add(Table([variables[v] for v in scope], log, name=f"f{k}"))
         return graph
 

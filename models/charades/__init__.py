@@ -40,7 +40,6 @@ from .metrics import (
     classify_map,
     localization_arrays,
     localize_map,
-    stable_descending_order,
     submission_from_arrays,
 )
 from .statespace import (
@@ -80,7 +79,7 @@ __all__ = [
     "frame_times", "progress_labels", "time_points", "time_point_labels", "training_samples",
     "Submission", "read_submission", "read_classify_submission", "read_localize_submission",
     "write_classify_submission", "write_localize_submission",
-    "EvalResult", "average_precision", "average_precision_loop", "stable_descending_order",
+    "EvalResult", "average_precision", "average_precision_loop",
     "classification_arrays", "localization_arrays", "classify_map", "localize_map",
     "submission_from_arrays",
     "prior_classify_scores", "prior_localize_scores",

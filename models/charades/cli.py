@@ -157,9 +157,11 @@ def cmd_prior(args) -> int:
     train = _read_csv(args.train, args)
     gt = _read_csv(args.gt, args)
     if args.task == "classify":
-        write_classify_submission(args.out, gt.ids, prior_classify_scores(train, len(gt)))
+        write_classify_submission(args.out, gt.ids, prior_classify_scores(train, len(gt)),
+                                  digits=6)
     else:
-        write_localize_submission(args.out, gt.ids, prior_localize_scores(train, len(gt)))
+        write_localize_submission(args.out, gt.ids, prior_localize_scores(train, len(gt)),
+                                  digits=6)
     print(f"wrote {args.task} prior submission for {len(gt)} videos to {args.out}")
     return 0
 
@@ -206,7 +208,8 @@ def _help(parser: argparse.ArgumentParser):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fieldlib charades`` and its sub-commands on ``subparsers``."""
     top = subparsers.add_parser("charades", help="Charades data, official metrics, synthetic "
-                                "frames", description=__doc__.split("\n\n")[0])
+                                "frames", description="Charades: data summary, official "
+                                "evaluation, a prior baseline and synthetic frames.")
     top.set_defaults(func=_help(top))
     sub = top.add_subparsers(dest="charades_command", metavar="COMMAND")
 

@@ -211,7 +211,8 @@ class CharadesFrames(Dataset):
             rng = np.random.default_rng(seed)
             pick = grp + (rng.random(grp.size) * counts).astype(np.int64)
             t = {k: v[pick] for k, v in t.items()}
-        self.table = t
+        compact = {"video": np.int32, "frame": np.int32, "cls": np.int16, "progress": np.int8}
+        self.table = {k: v.astype(compact.get(k, v.dtype)) for k, v in t.items()}
 
     def __len__(self) -> int:
         return int(self.table["cls"].size)

@@ -15,8 +15,9 @@ Localization rows are (video, k) for k = 1..25 in CSV order, positive at the tim
 ``((k-1)/25) * length`` when ``start <= t <= end``; missing rows score -inf; videos with
 empty ``actions`` keep their submitted scores (all negatives).
 
-Speed: all classes are scored at once with one stable argsort over a [C, N] array and
-sequential cumulative sums, so the sums are added in the scripts' order (bit-identical AP).
+Speed: one unstable sort of all classes at once, then per class binary searches for the
+positives' ranks (ties resolved among the tied rows only) and a sequential cumulative sum,
+so the sums are added in the scripts' order (bit-identical AP).
 :func:`average_precision_loop` is the slow transcription kept as the oracle.
 """
 
@@ -35,39 +36,55 @@ from .statespace import N_TEST_FRAMES, time_point_labels
 from .submission import Submission
 
 
-def stable_descending_order(scores_by_class: np.ndarray) -> np.ndarray:
-    """Row order of each class as the scripts' ``sort(-conf)`` gives it.
+def _positive_ranks_stable(neg_row: np.ndarray, pos_row: np.ndarray) -> np.ndarray:
+    """1-based ranks of the positives under ``sort(-conf)`` by one stable sort (float64)."""
+    order = np.argsort(neg_row, kind="stable")
+    return np.flatnonzero(pos_row[order]) + 1.0
 
-    ``scores_by_class``: float64 [C, N] (class-major). Returns int64 [C, N]: for each class
-    the rows by descending score, ties (all -inf included, and NaN, which comes last) in
-    ascending row order. An unstable sort does the work; only tied runs are re-sorted by row.
+
+def _positive_ranks(neg_row, sorted_row, pos_rows, pos_row) -> np.ndarray:
+    """Sorted 1-based ranks of a class's positives under the scripts' stable ``sort(-conf)``.
+
+    ``neg_row`` float64 [N] (minus the scores), ``sorted_row`` the same sorted ascending,
+    ``pos_rows`` int [P] ascending rows of the positives, ``pos_row`` bool [N]. A positive's
+    rank is the number of rows with a smaller -score, plus the rows with an equal one and a
+    smaller row index, plus one. Ties are resolved only among the rows that share a value
+    with a positive; when those are over half the rows (or NaN is present) one stable sort
+    does it instead.
     """
-    neg = np.negative(scores_by_class)
-    order = np.argsort(neg, axis=1)
-    v = np.take_along_axis(neg, order, axis=1)
-    eq = (v[:, 1:] == v[:, :-1]) | (np.isnan(v[:, 1:]) & np.isnan(v[:, :-1]))
-    if eq.any():
-        tied = np.zeros(v.shape, dtype=bool)
-        tied[:, 1:] |= eq
-        tied[:, :-1] |= eq
-        r, p = np.nonzero(tied)
-        begins = np.ones(r.size, dtype=bool)  # a tied position starts a run unless eq before
-        inner = p > 0
-        begins[inner] = ~eq[r[inner], p[inner] - 1]
-        run = np.cumsum(begins)
-        rows = order[r, p]
-        key = run.astype(np.int64) * np.int64(v.shape[1]) + rows
-        order[r, p] = rows[np.argsort(key)]
-    return order
+    n = neg_row.size
+    if np.isnan(sorted_row[-1]):  # NaN sorts last and never compares equal: stable sort
+        return _positive_ranks_stable(neg_row, pos_row)
+    x = neg_row[pos_rows]
+    left = np.searchsorted(sorted_row, x, "left")
+    right = np.searchsorted(sorted_row, x, "right")
+    tied = right - left > 1
+    before = np.zeros(x.size, dtype=np.int64)
+    if tied.any():
+        values, first = np.unique(x[tied], return_index=True)
+        if (right - left)[tied][first].sum() > n // 2:
+            return _positive_ranks_stable(neg_row, pos_row)
+        at = np.minimum(np.searchsorted(values, neg_row), values.size - 1)
+        members = np.flatnonzero(values[at] == neg_row)  # rows sharing a tied value
+        member_values = neg_row[members]
+        order = np.argsort(member_values, kind="stable")  # by (value, row)
+        grouped = member_values[order]
+        within = np.arange(grouped.size) - np.searchsorted(grouped, grouped, "left")
+        slot = np.empty_like(order)
+        slot[order] = np.arange(order.size)
+        before[tied] = within[slot[np.searchsorted(members, pos_rows[tied])]]
+    return np.sort(left + before) + 1.0
 
 
 def average_precision(scores, labels) -> np.ndarray:
     """Official AP of every column. ``scores`` float [N, C] (or [N]), ``labels`` bool of the
     same shape. Returns float64 [C] (or a 0-d array), NaN where a column has no positive.
 
-    Precision at the k-th positive, found at rank r, is k / r (the scripts' tp ./ (fp + tp)),
-    and the precisions are added in rank order (a sequential cumulative sum), so the result
-    is bit-identical to the scripts' loop.
+    Rows are ranked as the scripts' stable ``sort(-conf)`` ranks them (ties in row order, all
+    -inf equal, NaN last). The precision at the k-th positive, at rank r, is k / r (the
+    scripts' tp ./ (fp + tp)), and the precisions are added in rank order (a sequential
+    cumulative sum), so the result is bit-identical to the scripts' loop. One unstable sort
+    of all classes at once plus binary searches find the ranks (:func:`_positive_ranks`).
     """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
@@ -76,16 +93,16 @@ def average_precision(scores, labels) -> np.ndarray:
     one = s.ndim == 1
     if one:
         s, y = s[:, None], y[:, None]
-    n_cls = s.shape[1]
-    order = stable_descending_order(np.ascontiguousarray(s.T))
-    hit = np.take_along_axis(np.ascontiguousarray(y.T), order, axis=1)
-    c, rank0 = np.nonzero(hit)  # class-major, rank order within a class
-    n_pos = np.bincount(c, minlength=n_cls)
-    k0 = np.arange(c.size) - (np.cumsum(n_pos) - n_pos)[c]
-    prec = np.zeros((n_cls, max(int(n_pos.max(initial=0)), 1)))
-    prec[c, k0] = (k0 + 1.0) / (rank0 + 1.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ap = np.cumsum(prec, axis=1)[:, -1] / n_pos
+    neg = np.ascontiguousarray(np.negative(s.T))  # [C, N]: the scripts sort -conf ascending
+    pos = np.ascontiguousarray(y.T)
+    ascending = np.sort(neg, axis=1)
+    cls, rows = np.nonzero(pos)  # class-major, rows ascending within a class
+    n_pos = np.bincount(cls, minlength=neg.shape[0])
+    bounds = np.r_[0, np.cumsum(n_pos)]
+    ap = np.full(neg.shape[0], np.nan)
+    for c in np.flatnonzero(n_pos):
+        ranks = _positive_ranks(neg[c], ascending[c], rows[bounds[c]:bounds[c + 1]], pos[c])
+        ap[c] = np.cumsum(np.arange(1, ranks.size + 1) / ranks)[-1] / ranks.size
     return ap[0] if one else ap
 
 

@@ -71,53 +71,27 @@ def _first(lines: list[int], k: int = 3) -> str:
         ", ..." if len(lines) > k else "")
 
 
-def _parse_scores(texts: list[str], line_nos: list[int], path, n_classes: int,
-                  skip: int = 0) -> np.ndarray:
-    """Parse space-separated rows into float64 [n, n_classes]; the first ``skip`` fields of
-    each row (id, frame) are not scores. Numbers follow float() (loadtxt, then a per-field
-    fallback that names the first bad field)."""
+def _parse_scores(texts: list[str], line_nos: list[int], path, n_classes: int) -> np.ndarray:
+    """Parse space-separated score strings (one a row) into float64 [n, n_classes]. Numbers
+    follow float(): numpy's C reader first, then a per-field pass naming the first bad one."""
     if not texts:
         return np.zeros((0, n_classes), dtype=np.float64)
     try:
         out = np.loadtxt(texts, dtype=np.float64, delimiter=" ", comments=None, ndmin=2,
-                         usecols=range(skip, skip + n_classes), quotechar=None)
+                         quotechar=None)
         if out.shape == (len(texts), n_classes):
             return out
     except ValueError:
         pass
     out = np.empty((len(texts), n_classes), dtype=np.float64)
     for r, (text, n) in enumerate(zip(texts, line_nos)):
-        for k, tok in enumerate(text.split(" ")[skip:]):
+        for k, tok in enumerate(text.split(" ")):
             try:
                 out[r, k] = float(tok)
             except ValueError:
                 raise FormatError(f"{path}: line {n}: score field {k + 1}: {tok!r} is not a "
                                   "number") from None
     return out
-
-
-def _scan_canonical(text: str, head: int, expected: int):
-    """Fast scan of a file in the canonical layout (single spaces, no tabs, no blank lines,
-    ``expected`` fields a line, plain digit frames). Returns ``(lines, ids, frames)`` or
-    ``None`` when anything differs; the careful per-line scan then decides."""
-    if "\t" in text or "\r" in text or "  " in text or "\n\n" in text or "\n " in text \
-            or " \n" in text or text[:1] in (" ", "\n") or text.endswith(" "):
-        return None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    ids, frames = [], []
-    for line in lines:
-        if line.count(" ") != expected - 1:
-            return None
-        i = line.find(" ")
-        ids.append(line[:i])
-        if head == 2:
-            f = line[i + 1:line.find(" ", i + 1)]
-            if not f.isdigit():
-                return None
-            frames.append(int(f))
-    return lines, ids, frames
 
 
 def _unknown_message(path, n: int, vid: str) -> str:
@@ -195,24 +169,9 @@ def read_submission(
     if known_ids is not None and not isinstance(known_ids, Mapping):
         known_ids = {k: i for i, k in enumerate(known_ids)}
 
-    expected = head + n_classes
-    fast = _scan_canonical(text, head, expected)
-    unknown: list[int] = []
-    extra_field: list[int] = []
-    if fast is not None:
-        texts, ids, frames = fast
-        line_nos = list(range(1, len(texts) + 1))
-        skip = head
-        if known_ids is not None:
-            unknown = [n for n, vid in zip(line_nos, ids) if vid not in known_ids]
-            if unknown and not lenient:
-                raise FormatError(_unknown_message(path, unknown[0], ids[unknown[0] - 1]))
-    else:
-        texts, ids, frames, line_nos, extra_field, unknown = _scan_lines(
-            text, path, head, expected, known_ids, lenient, n_classes)
-        skip = 0
-
-    scores = _parse_scores(texts, line_nos, path, n_classes, skip)
+    texts, ids, frames, line_nos, extra_field, unknown = _scan_lines(
+        text, path, head, head + n_classes, known_ids, lenient, n_classes)
+    scores = _parse_scores(texts, line_nos, path, n_classes)
     lines = np.array(line_nos, dtype=np.int64)
     tolerated: list[str] = []
     if extra_field:

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from charades_helpers import data_file
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tensors here are tiny: with several threads on a busy 2-core machine, OpenMP
+    start-up and contention cost more than the work (10x slower), so use one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
