@@ -61,6 +61,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--search-time", metavar="S", type=float, default=None,
                    help="exact engine: at most this many seconds of elimination-order "
                    "search (default: the engine's)")
+    p.add_argument("--schedule", choices=("sequential", "synchronous"), default=None,
+                   help="meanfield engine: update one variable at a time (sequential: the "
+                   "ELBO never decreases) or all frames from the previous iterate "
+                   "(synchronous: the paper's test-time schedule); default: the engine's")
+    p.add_argument("--damping", type=float, default=None, metavar="X",
+                   help="meanfield engine: fraction of the previous iterate kept, in [0, 1)")
+    p.add_argument("--max-iter", type=int, default=None, metavar="K",
+                   help="meanfield engine: at most K sweeps (default: the engine's)")
     p.set_defaults(func=run)
     return p
 
@@ -89,6 +97,12 @@ def _engine(args):
         options["memory_budget"] = args.memory_budget
     if args.search_time is not None:
         options["search_time"] = args.search_time
+    if args.schedule is not None:
+        options["schedule"] = args.schedule
+    if args.damping is not None:
+        options["damping"] = args.damping
+    if args.max_iter is not None:
+        options["max_iter"] = args.max_iter
     return get_engine(args.engine, **options)
 
 
@@ -111,10 +125,13 @@ def solve(model_path, task: str, evid=None, engine=None) -> str:
     if task == "PR":
         result = engine(graph, evidence, marginals=False)
         log_z = result.log_z
+        if log_z is None and result.elbo is not None:
+            print(f"fieldlib: note: engine {engine.name!r} gives a lower bound: PR is the "
+                  f"ELBO in log10, not log10 Z", file=sys.stderr)
+            log_z = result.elbo
         if log_z is None:
             raise UnsupportedQueryError(
-                f"engine {engine.name!r} gives no log partition function (only a bound); "
-                f"use --engine exact")
+                f"engine {engine.name!r} gives no log partition function; use --engine exact")
         return f"PR\n{_format(float(log_z) / math.log(10))}\n"
     if task == "MAR":
         result = engine(graph, evidence, marginals=True)

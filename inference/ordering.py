@@ -170,7 +170,7 @@ def _greedy(g: _Graph, heuristic: str, rng: random.Random | None, noise: float,
 
 def elimination_order(scopes: Sequence[Sequence[int]], cards: dict[int, int],
                       variables: Sequence[int], time_budget: float = 0.3, seed: int = 0,
-                      min_restarts: int = 2, search_fraction: float = 0.25,
+                      min_restarts: int = 2, search_fraction: float = 0.05,
                       noise: float = 0.5) -> OrderSearch:
     """Search an elimination order for ``variables`` given factor ``scopes``.
 

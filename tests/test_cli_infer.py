@@ -153,3 +153,23 @@ def test_bad_option_values_exit_2(capsys, model_path):
         main(["infer", str(model_path), "--task", "PR", "--memory-budget", "lots"])
     assert info.value.code == 2
     capsys.readouterr()
+
+
+def test_meanfield_engine_from_the_command_line(capsys, model_path):
+    """PR prints the ELBO (said on stderr), below exact log10 Z; MAR rows sum to one."""
+    code, exact_out, _ = run(capsys, "infer", model_path, "--task", "PR")
+    code, out, err = run(capsys, "infer", model_path, "--task", "PR", "--engine", "meanfield",
+                         "--schedule", "sequential", "--damping", "0.2")
+    assert code == 0 and "lower bound" in err
+    assert float(out.split()[1]) <= float(exact_out.split()[1]) + 1e-9
+    code, out, _ = run(capsys, "infer", model_path, "--task", "MAR", "--engine", "meanfield",
+                       "--schedule", "synchronous", "--max-iter", "50")
+    fields = out.split("\n")[1].split()
+    n, k, sums = int(fields[0]), 1, []
+    for _ in range(n):
+        d = int(fields[k])
+        sums.append(sum(float(x) for x in fields[k + 1:k + 1 + d]))
+        k += 1 + d
+    assert code == 0 and np.allclose(sums, 1.0)
+    line = _fails(capsys, "infer", model_path, "--task", "MAP", "--engine", "meanfield")
+    assert "cannot give map" in line

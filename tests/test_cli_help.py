@@ -1,0 +1,38 @@
+"""`fieldlib --help` lists every sub-command; each sub-command's --help explains its options."""
+
+from __future__ import annotations
+
+import pytest
+
+from fieldlib.cli import main
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_lists_commands(capsys):
+    out = _help(capsys)
+    for command in ("infer", "gradcheck", "charades"):
+        assert command in out
+
+
+@pytest.mark.parametrize("argv, options", [
+    (("infer",), ["--evid", "--task", "--engine", "--output", "--memory-budget", "--schedule",
+                  "--damping"]),
+    (("gradcheck",), ["--seed", "--trials"]),
+    (("charades", "eval", "classify"), ["--gt", "--submission", "--json", "--lenient"]),
+    (("charades", "info"), ["--train"]),
+])
+def test_subcommand_help_explains_options(capsys, argv, options):
+    out = _help(capsys, *argv)
+    for option in options:
+        assert option in out, f"{' '.join(argv)} --help does not mention {option}"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: fieldlib" in capsys.readouterr().out
