@@ -34,7 +34,7 @@ import torch
 
 from fieldlib.errors import TooLargeError
 
-from .scaled import Unsafe, from_log, safe_log, scaled_step, to_log
+from .scaled import Unsafe, _place, from_log, safe_log, scaled_step, to_log
 
 __all__ = ["BATCH", "Step", "PathCost", "order_to_path", "path_cost", "contract_path",
            "backtrack"]
@@ -269,20 +269,6 @@ def _letters(labels) -> dict[int, str]:
                 )
             symbols[x] = _LETTERS[len(symbols)]
     return symbols
-
-
-def _place(t: torch.Tensor, lab: tuple[int, ...], target: tuple[int, ...]) -> torch.Tensor:
-    """View ``t`` (axes ``lab``) on ``target``'s axes: permuted, size-1 where absent."""
-    pos = {x: i for i, x in enumerate(target)}
-    perm = sorted(range(len(lab)), key=lambda d: pos[lab[d]])
-    if perm != list(range(len(lab))):
-        t = t.permute(perm)
-    if len(lab) == len(target):
-        return t
-    shape = [1] * len(target)
-    for i, d in enumerate(perm):
-        shape[pos[lab[d]]] = t.shape[i]
-    return t.reshape(shape)
 
 
 def _log_add(tensors, inputs, target: tuple[int, ...]) -> torch.Tensor:

@@ -129,6 +129,7 @@ def _measure(op: Scaled) -> Scaled:
 
 
 def _place(t: torch.Tensor, lab: tuple[int, ...], target: tuple[int, ...]) -> torch.Tensor:
+    """View ``t`` (axes ``lab``) on ``target``'s axes: permuted, size-1 where absent."""
     pos = {x: i for i, x in enumerate(target)}
     perm = sorted(range(len(lab)), key=lambda d: pos[lab[d]])
     if perm != list(range(len(lab))):

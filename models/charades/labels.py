@@ -88,14 +88,19 @@ def class_index(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _read_lines(path: str | Path) -> list[tuple[int, str]]:
+def read_text(path: str | Path) -> str:
+    """A file's UTF-8 text; FormatError naming the file when it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: not UTF-8 text: {exc}") from exc
+
+
+def _read_lines(path: str | Path) -> list[tuple[int, str]]:
+    text = read_text(path)
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from fieldlib.errors import FieldlibError, FormatError, ShapeError
 
-from .labels import N_CLASSES
+from .labels import N_CLASSES, read_text
 from .statespace import N_TEST_FRAMES
 
 TASKS = ("classify", "localize")
@@ -160,12 +160,7 @@ def read_submission(
     localize = task == "localize"
     head = 2 if localize else 1
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: not UTF-8 text: {exc}") from exc
+    text = read_text(path)
     if known_ids is not None and not isinstance(known_ids, Mapping):
         known_ids = {k: i for i, k in enumerate(known_ids)}
 
