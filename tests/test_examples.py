@@ -23,3 +23,19 @@ def test_example_runs(script, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout}\n{proc.stderr}"
     assert list(tmp_path.glob("*.png")), f"{script.name} wrote no plot"
+
+
+def test_readme_snippet_runs():
+    """The README's Python example runs as printed."""
+    import re
+
+    import torch
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README.md has no python example"
+    scope: dict = {}
+    torch.manual_seed(0)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+    assert scope["r"].marginals["x"].shape == (6, 4)
