@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from fieldlib.errors import TooLargeError
+from fieldlib.errors import FieldlibError, TooLargeError
 
 from .base import Engine, register_engine
 from .contract import BATCH, backtrack, contract_path, order_to_path, path_cost
@@ -58,6 +58,8 @@ class BruteForce(Engine):
     supports = frozenset({"log_z", "marginals", "map"})
 
     def __init__(self, max_states: int = 2**22):
+        if not max_states >= 1:
+            raise FieldlibError(f"max_states must be >= 1, got {max_states!r}")
         self.max_states = int(max_states)
 
     def run(self, graph, evidence, *, marginals, factor_marginals, map):
@@ -130,6 +132,14 @@ class VariableElimination(Engine):
 
     def __init__(self, memory_budget: int | None = None, order: str = "auto",
                  search_time: float = 0.3, seed: int = 0, max_dense: int | None = None):
+        if memory_budget is not None and not memory_budget > 0:
+            raise FieldlibError(f"memory_budget must be a positive number of bytes, got "
+                                f"{memory_budget!r}")
+        if order != "auto" and not (isinstance(order, str) and order.startswith("opt_einsum:")):
+            raise FieldlibError(f"unknown order strategy {order!r}; use 'auto' or "
+                                f"'opt_einsum:NAME' (e.g. 'opt_einsum:greedy')")
+        if not float(search_time) >= 0:
+            raise FieldlibError(f"search_time must be >= 0 seconds, got {search_time!r}")
         self.memory_budget = memory_budget
         self.order = order
         self.search_time = float(search_time)
@@ -150,8 +160,8 @@ class VariableElimination(Engine):
             info.update(heuristic=search.heuristic, restarts=search.restarts)
         elif self.order.startswith("opt_einsum:"):
             path = _opt_einsum_path(labels, cards, self.order.split(":", 1)[1])
-        else:
-            raise TooLargeError(f"unknown order strategy {self.order!r}")
+        else:  # pragma: no cover - rejected in __init__
+            raise FieldlibError(f"unknown order strategy {self.order!r}")
         cost = path_cost(labels, path, cards)
         info["order_seconds"] = time.perf_counter() - t0
         self._cache[key] = (path, cost, info)

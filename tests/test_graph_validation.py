@@ -161,3 +161,18 @@ def test_oversized_problem_is_refused_with_bytes():
         VariableElimination(memory_budget=2**20, search_time=0.0)(g)
     with pytest.raises(TooLargeError, match="joint states"):
         BruteForce()(g)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("exact", {"memory_budget": -5}, "memory_budget must be a positive"),
+    ("exact", {"order": "bogus"}, "unknown order strategy 'bogus'"),
+    ("exact", {"search_time": -1}, "search_time must be >= 0"),
+    ("bruteforce", {"max_states": 0}, "max_states must be >= 1"),
+    ("meanfield", {"damping": 1.5}, "damping must lie in"),
+    ("meanfield", {"schedule": "foo"}, "unknown schedule 'foo'"),
+])
+def test_bad_engine_options(name, options, message):
+    from fieldlib.inference import get_engine
+
+    with pytest.raises(FieldlibError, match=message):
+        get_engine(name, **options)
