@@ -39,8 +39,11 @@ def run(args) -> int:
 
     if args.trials < 1:
         raise FieldlibError("--trials must be at least 1")
+    from tqdm import tqdm
+
     report = CheckReport()
-    for k in range(args.trials):
+    # a progress bar on stderr when it is a terminal (disable=None), silent in logs and tests
+    for k in tqdm(range(args.trials), desc="gradcheck trials", unit="field", disable=None):
         seed = args.seed + k
         graph, params, labels = toy_temporal_field(seed, dtype=torch.float64)
         trial = compare_closed_form(graph, labels, params=params, l2_intent=args.l2_intent)

@@ -176,9 +176,11 @@ def write_jpeg_folders(
     from pathlib import Path
 
     from PIL import Image
+    from tqdm import tqdm
 
     written = 0
-    for video in videos:
+    # progress on stderr when it is a terminal (disable=None), silent otherwise
+    for video in tqdm(list(videos), desc="synthetic videos", unit="video", disable=None):
         n = generator.n_frames(video)
         if max_frames is not None:
             n = min(n, max_frames)
