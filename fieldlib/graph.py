@@ -211,6 +211,19 @@ class FactorGraph:
                 out[v] = val
         return out
 
+    def batch_of(self, evidence: dict[Variable, torch.Tensor]) -> tuple[int, bool]:
+        """``(N, batched)`` of a query: the graph's batch size, or the length of per-batch
+        evidence (normalised by :meth:`evidence`); ``(1, False)`` when neither is batched.
+
+        Raises FieldlibError when evidence tensors disagree on N.
+        """
+        sizes = {len(v) for v in evidence.values() if v.dim() == 1}
+        if self.batch_size is not None:
+            sizes.add(self.batch_size)
+        if len(sizes) > 1:
+            raise FieldlibError(f"evidence tensors disagree on the batch size: {sorted(sizes)}")
+        return (sizes.pop(), True) if sizes else (1, False)
+
     def _check_evidence_batch(self, v: Variable, n: int) -> None:
         if self.batch_size is not None and self.batch_size != n:
             raise EvidenceError(

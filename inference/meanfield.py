@@ -95,11 +95,7 @@ class MeanField(Engine):
         t0 = time.perf_counter()
         layout = Layout(graph)
         ev = graph.evidence(evidence)
-        sizes = {len(v) for v in ev.values() if v.dim() == 1}
-        if len(sizes) > 1:
-            raise FieldlibError(f"evidence tensors disagree on the batch size: {sorted(sizes)}")
-        batched = graph.batch_size is not None or bool(sizes)
-        n = graph.batch_size or (sizes.pop() if sizes else 1)
+        n, batched = graph.batch_of(ev)
         dtype, device = graph.dtype, graph.device
         state = MeanFieldState(layout, n, dtype, device, self.kernel_method)
         free, clamp = self._masks(graph, layout, ev, n, device)

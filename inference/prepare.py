@@ -67,14 +67,7 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
     if not graph.variables:
         raise FieldlibError("the graph has no variables")
     ev = graph.evidence(evidence)
-    sizes = {len(v) for v in ev.values() if v.dim() == 1}
-    if graph.batch_size is not None:
-        sizes.add(graph.batch_size)
-    if len(sizes) > 1:
-        raise FieldlibError(f"evidence tensors disagree on the batch size: {sorted(sizes)}")
-    batch = sizes.pop() if sizes else None
-    batched = batch is not None
-    batch = batch or 1
+    batch, batched = graph.batch_of(ev)
     dtype = dtype or graph.dtype
     device = graph.device
     ev = {v: (s.expand(batch) if s.dim() == 0 else s).to(device) for v, s in ev.items()}

@@ -176,3 +176,14 @@ def test_bad_engine_options(name, options, message):
 
     with pytest.raises(FieldlibError, match=message):
         get_engine(name, **options)
+
+
+@pytest.mark.parametrize("engine", ["exact", "bruteforce", "meanfield"])
+def test_evidence_batch_sizes_must_agree(engine):
+    from fieldlib.inference import get_engine
+
+    g = FactorGraph()
+    a, b = g.variable("a", 2), g.variable("b", 2)
+    g.add(Table((a, b), torch.zeros(2, 2)))
+    with pytest.raises(FieldlibError, match=r"disagree on the batch size: \[2, 3\]"):
+        get_engine(engine)(g, {"a": torch.tensor([0, 1]), "b": torch.tensor([0, 1, 1])})
