@@ -168,12 +168,6 @@ class FactorGraph:
             return None
         return v.position < a.lengths.to(self.device)
 
-    def joint_size(self) -> int:
-        size = 1
-        for v in self.variables.values():
-            size *= v.cardinality
-        return size
-
     # -- evidence -------------------------------------------------------------------------
     def evidence(self, evidence: Mapping | None) -> dict[Variable, torch.Tensor]:
         """Normalise evidence to ``{Variable: LongTensor ()}`` or ``(N,)`` per batch element.

@@ -130,7 +130,7 @@ def as_domain(domain: int | Domain | Sequence) -> Domain:
     """Accept a size, a Domain, or a list of labels."""
     if isinstance(domain, Domain):
         return domain
-    if isinstance(domain, int | torch.SymInt) or (hasattr(domain, "__index__")):
+    if hasattr(domain, "__index__"):  # int, numpy integer, 0-d integer tensor
         return Domain(int(domain))
     return Domain(len(domain), labels=list(domain))
 
@@ -205,7 +205,7 @@ class VariableArray:
     def cardinality(self) -> int:
         return self.domain.size
 
-    def mask(self, batch_size: int | None = None) -> torch.Tensor | None:
+    def mask(self) -> torch.Tensor | None:
         """``BoolTensor (N, T)``: True on real positions; None when nothing is padded."""
         if self.lengths is None:
             return None
