@@ -31,10 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
-from fieldlib.errors import TooLargeError
-
-from .scaled import Unsafe, _place, from_log, safe_log, scaled_step, to_log
+from .scaled import Unsafe, _place, einsum_labels, from_log, safe_log, scaled_step, to_log
 
 __all__ = ["BATCH", "Step", "PathCost", "order_to_path", "path_cost", "contract_path",
            "backtrack"]
@@ -43,7 +42,6 @@ BATCH = -1
 #: Elements added to every peak estimate: torch's and autograd's own working memory
 #: (32 MiB in float64, measured on the small UAI problems).
 FIXED_OVERHEAD = 2**22
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass
@@ -258,19 +256,6 @@ def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
                     2 * peak + FIXED_OVERHEAD, inputs_total + map_peak + FIXED_OVERHEAD)
 
 
-def _letters(labels) -> dict[int, str]:
-    symbols: dict[int, str] = {}
-    for x in labels:
-        if x not in symbols:
-            if len(symbols) == len(_LETTERS):
-                raise TooLargeError(
-                    "one contraction step spans more than 52 variables; the graph is too "
-                    "wide for exact inference"
-                )
-            symbols[x] = _LETTERS[len(symbols)]
-    return symbols
-
-
 def _log_add(tensors, inputs, target: tuple[int, ...]) -> torch.Tensor:
     """Σ of log-tables placed on ``target`` (broadcast: the product of the potentials)."""
     placed = sorted((_place(t, lab, target) for t, lab in zip(tensors, inputs)),
@@ -287,8 +272,76 @@ def _shift(t: torch.Tensor, k: int) -> torch.Tensor:
     return s.clamp(min=torch.finfo(t.dtype).min)
 
 
+def _logsumexp(t: torch.Tensor, k: int) -> torch.Tensor:
+    """log Σ exp over the last ``k`` axes, exact for any finite or -inf entries: each output
+    is shifted by its own max, so its largest term is exp(0) = 1 and nothing it needs can
+    underflow; an all -inf row gives -inf with a zero (not NaN) gradient."""
+    s = _shift(t, k)
+    out = safe_log((t - s).exp().sum(dim=tuple(range(t.dim() - k, t.dim()))))
+    return out + s.reshape(out.shape)
+
+
+def _span(t: torch.Tensor, shift: torch.Tensor, k: int) -> float:
+    """Largest distance, over the rows of ``t``'s last ``k`` axes, from a row's max
+    (``shift``) down to its smallest finite entry (0 for rows without finite entries)."""
+    with torch.no_grad():
+        d = t.detach()
+        low = torch.where(torch.isfinite(d), d, torch.full_like(d, math.inf))
+        low = low.amin(dim=tuple(range(d.dim() - k, d.dim())), keepdim=True)
+        gap = torch.where(torch.isfinite(low), shift - low, torch.zeros_like(low))
+        return float(gap.max()) if gap.numel() else 0.0
+
+
+def _safe_span(dtype: torch.dtype) -> float:
+    """Spans up to this many nats exponentiate to normal floats (0.8 of the log of the
+    smallest normal number: 566 nats in float64, 70 in float32)."""
+    return -0.8 * math.log(torch.finfo(dtype).tiny)
+
+
+def _exact_pair(a, la, b, lb, out, reduced, limit: int) -> torch.Tensor:
+    """``log Σ_reduced exp(a + b)`` onto ``out``, exact for any log-values: the broadcast
+    sum is materialised and reduced by :func:`_logsumexp`, in chunks along the largest
+    output label so no chunk exceeds ``limit`` elements. With gradients on, each chunk is
+    checkpointed (recomputed in backward), so autograd keeps only ``a`` and ``b``."""
+    sizes = {}
+    for t, lab in ((a, la), (b, lb)):
+        sizes.update(zip(lab, t.shape))
+    target = tuple(out) + tuple(x for x in reduced if x in sizes)
+    total = math.prod(sizes[x] for x in target)
+    wide = max((x for x in out if sizes[x] > 1), key=lambda x: sizes[x], default=None)
+    if total > limit and wide is not None:
+        pieces = min(sizes[wide], -(-total // limit))
+        step = -(-sizes[wide] // pieces)
+        parts = []
+        for start in range(0, sizes[wide], step):
+            sl = [_narrow(t, lab, wide, start, step) for t, lab in ((a, la), (b, lb))]
+            parts.append(_exact_pair(sl[0], la, sl[1], lb, out, reduced, limit))
+        return torch.cat(parts, dim=out.index(wide))
+    k = len(target) - len(out)
+
+    def chunk(x, y):
+        return _logsumexp(_place(x, la, target) + _place(y, lb, target), k)
+
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return torch.utils.checkpoint.checkpoint(chunk, a, b, use_reentrant=False)
+    return chunk(a, b)
+
+
+def _narrow(t: torch.Tensor, lab, label: int, start: int, length: int) -> torch.Tensor:
+    if label not in lab:
+        return t
+    axis = lab.index(label)
+    return t.narrow(axis, start, min(length, t.shape[axis] - start))
+
+
 def _sum_step(tensors, inputs, out):
-    """log Σ exp over the labels not in ``out`` (see the module docstring)."""
+    """log Σ exp over the labels not in ``out`` (see the module docstring).
+
+    Exact for any finite or -inf log-tables. The two-group einsum (exp-shift-einsum-log) is
+    taken only when it provably loses nothing: every finite term it forms, relative to its
+    row maxima, lies within :func:`_safe_span`; otherwise the step is computed by
+    :func:`_exact_pair`.
+    """
     shape_of = {}
     for t, lab in zip(tensors, inputs):
         shape_of.update(zip(lab, t.shape))
@@ -303,24 +356,40 @@ def _sum_step(tensors, inputs, out):
     if len(groups) == 2 and set(groups[0][1]) & set(groups[1][1]) & set(reduced):
         (a, la, ka), (b, lb, kb) = groups
         sa, sb = _shift(a, ka), _shift(b, kb)
-        symbols = _letters((*la, *lb, *out))
-        eq = "{},{}->{}".format(*("".join(symbols[x] for x in lab) for lab in (la, lb, out)))
-        result = safe_log(torch.einsum(eq, (a - sa).exp(), (b - sb).exp()))
-        for s, lab, k in ((sa, la, ka), (sb, lb, kb)):
-            kept = lab[: len(lab) - k]
-            s = s.reshape(s.shape[: len(kept)])
-            result = result + _place(s, kept, out)
-        return result
+        if _span(a, sa, ka) + _span(b, sb, kb) <= _safe_span(a.dtype):
+            result = safe_log(einsum_labels((a - sa).exp(), la, (b - sb).exp(), lb, out))
+            for s, lab, k in ((sa, la, ka), (sb, lb, kb)):
+                kept = lab[: len(lab) - k]
+                s = s.reshape(s.shape[: len(kept)])
+                result = result + _place(s, kept, out)
+            return result
+        # each group's own summed labels first (exact, and it shrinks the broadcast)
+        shared = set(la) & set(lb)
+        own_a = [x for x in la[len(la) - ka:] if x not in shared]
+        own_b = [x for x in lb[len(lb) - kb:] if x not in shared]
+        a, la = _reduce_own(a, la, own_a)
+        b, lb = _reduce_own(b, lb, own_b)
+        both = [x for x in reduced if x in shared]
+        out_size = math.prod(shape_of[x] for x in out)
+        limit = max(a.numel() + b.numel() + out_size, 2**20)
+        return _exact_pair(a, la, b, lb, tuple(out), both, limit)
     parts, part_labels = [], []
     for t, lab, k in groups:
         if k:
-            s = _shift(t, k)
-            t = safe_log((t - s).exp().sum(dim=tuple(range(t.dim() - k, t.dim()))))
-            t = t + s.reshape(t.shape)
+            t = _logsumexp(t, k)
             lab = lab[: len(lab) - k]
         parts.append(t)
         part_labels.append(lab)
     return _log_add(parts, part_labels, out)
+
+
+def _reduce_own(t, lab, own):
+    """log Σ exp of ``t`` over its labels ``own`` (moved last first)."""
+    if not own:
+        return t, lab
+    kept = tuple(x for x in lab if x not in own)
+    order = kept + tuple(own)
+    return _logsumexp(_place(t, lab, order), len(own)), kept
 
 
 def _max_step(tensors, inputs, out):

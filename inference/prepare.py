@@ -8,6 +8,7 @@ respect to a log-potential is the marginal of its scope: torch-struct's trick).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from fieldlib.variables import Variable
 from .base import Result
 from .contract import BATCH
 
-__all__ = ["Prepared", "prepare", "finish"]
+__all__ = ["Prepared", "prepare", "finish", "compute_dtype", "check_range"]
 
 
 @dataclass
@@ -68,7 +69,7 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
         raise FieldlibError("the graph has no variables")
     ev = graph.evidence(evidence)
     batch, batched = graph.batch_of(ev)
-    dtype = dtype or graph.dtype
+    dtype = compute_dtype(dtype or graph.dtype)
     device = graph.device
     ev = {v: (s.expand(batch) if s.dim() == 0 else s).to(device) for v, s in ev.items()}
 
@@ -90,6 +91,7 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
                 scope.pop(axis)
         operands.append(table)
         labels.append((BATCH, *(graph.index(v) for v in scope)))
+    check_range(operands, terms, dtype)
 
     free = [v for v in graph.variables.values() if v not in ev]
     covered = {x for lab in labels for x in lab}
@@ -108,9 +110,56 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
                     term_probes, cards, dtype, device)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype exact engines compute in: float16 and bfloat16 tables are upcast to
+    float32 (their 5-8 bit exponents or mantissas cannot hold a log-sum-exp exactly);
+    results then come back in float32 and ``Result.info["compute_dtype"]`` says so."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_range(operands, terms, dtype: torch.dtype) -> None:
+    """Refuse a model whose scores could leave the dtype's range.
+
+    Every configuration's score, and every partial sum an engine forms, is bounded by
+    Σ_f max|finite φ_f| plus log(number of joint states) (each log-sum-exp adds at most the
+    log of its term count). When that bound exceeds the dtype's largest number, a sum could
+    overflow to inf, and inf - inf is NaN: raise a FieldlibError instead. Below it, every
+    value the engines form is finite, so log Z is exact to rounding.
+    """
+    if not operands:
+        return
+    with torch.no_grad():
+        top = []
+        for t in operands:
+            t = t.detach()
+            finite = torch.where(torch.isfinite(t), t.abs(), torch.zeros((), dtype=t.dtype,
+                                                                           device=t.device))
+            top.append(finite.amax() if finite.numel() else finite.new_zeros(()))
+        big = torch.stack(top).double()
+        bound = float(big.sum())
+    states = sum(math.log(max(d, 1)) for t in operands for d in t.shape[1:])
+    limit = torch.finfo(dtype).max
+    if not bound + states < limit:
+        k = int(big.argmax())
+        name = terms[k].factor.name if k < len(terms) and terms[k].factor is not None \
+            else f"term {k}"
+        raise FieldlibError(
+            f"the log-potentials are too large for the range of {str(dtype).split('.')[-1]}: "
+            f"the sum of the factors' largest magnitudes is {bound:.3g} (largest: "
+            f"{float(big[k]):.3g} in {name!r}), above the dtype's maximum {limit:.3g}, so "
+            f"scores could overflow; rescale the potentials or use a wider dtype"
+        )
+
+
 def check_finite(prep: Prepared, log_z: torch.Tensor) -> None:
     """Raise ZeroProbabilityError when log Z is -inf for some batch element."""
-    bad = torch.isneginf(log_z.detach())
+    value = log_z.detach()
+    broken = torch.isnan(value) | torch.isposinf(value)
+    if bool(broken.any()):  # cannot happen below check_range's bound; never return it
+        raise FieldlibError(f"log Z is {float(value[broken.nonzero()[0]])} in "
+                            f"{str(value.dtype).removeprefix('torch.')}: the scores overflow "
+                            f"the dtype's range; rescale the potentials")
+    bad = torch.isneginf(value)
     if bool(bad.any()):
         which = "" if not prep.batched else f" (batch element {int(bad.nonzero()[0, 0])})"
         if prep.evidence:
@@ -162,4 +211,4 @@ def finish(prep: Prepared, engine: str, log_z=None, var_marginals=None, factor_g
         mapping = {k: squeeze(m) for k, m in mapping.items()}
     return Result(engine=engine, log_z=squeeze(log_z), marginals=marginals,
                   factor_marginals=factor_marginals, map=mapping, map_score=squeeze(map_score),
-                  info=info or {})
+                  info={"compute_dtype": str(prep.dtype).removeprefix("torch."), **(info or {})})

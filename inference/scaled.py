@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Scaled", "Unsafe", "from_log", "to_log", "scaled_step", "safe_log"]
+from fieldlib.errors import TooLargeError
+
+__all__ = ["Scaled", "Unsafe", "from_log", "to_log", "scaled_step", "safe_log", "einsum_labels"]
 
 
 class _SafeLog(torch.autograd.Function):
@@ -65,6 +67,9 @@ class Scaled:
     lo: float
     hi: float
     measured: bool = False
+    #: the log-table this operand was made from (inputs only): the log-space fallback
+    #: restarts from it, never from ``t``, whose entries far below the max underflowed to 0
+    log: torch.Tensor | None = None
 
 
 def _limits(dtype: torch.dtype) -> tuple[float, float]:
@@ -97,12 +102,18 @@ def from_log(tables, labels) -> list[Scaled]:
         lows = (low / math.log(2)).tolist()
         shift = m.repeat_interleave(counts, dim=0).t()
     parts = (data - shift).exp().split(lengths, dim=1)
-    return [Scaled(p.reshape(t.shape), tuple(lab), m[k], lows[k], 0.0, True)
+    return [Scaled(p.reshape(t.shape), tuple(lab), m[k], lows[k], 0.0, True, t)
             for k, (p, t, lab) in enumerate(zip(parts, tables, labels))]
 
 
 def to_log(op: Scaled) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The log-table of a scaled operand (for the log-space fallback)."""
+    """The log-table of a scaled operand (for the log-space fallback).
+
+    An input operand returns the log-table it was made from. A step's result is rebuilt from
+    ``t``: exact, since the range guard admitted the step only if every positive entry is a
+    normal float (its zeros are true zeros)."""
+    if op.log is not None:
+        return op.log, op.labels
     view = (-1,) + (1,) * (op.t.dim() - 1)
     return safe_log(op.t) + op.scale.view(view), op.labels
 
@@ -203,7 +214,17 @@ def scaled_step(ops: list[Scaled], out: tuple[int, ...], plan) -> Scaled:
     return Scaled(t, lab, scale, lo, hi)
 
 
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+def einsum_labels(a, la, b, lb, out) -> torch.Tensor:
+    """``torch.einsum`` of two tensors whose axes carry integer labels (any ints, any
+    number), written in torch's sublist form: no alphabet of letters to run out of."""
+    ids: dict[int, int] = {}
+    for x in (*la, *lb, *out):
+        ids.setdefault(x, len(ids))
+    if len(ids) > 52:  # torch's own limit on distinct subscripts in one einsum
+        raise TooLargeError(f"one contraction step spans {len(ids)} variables (torch.einsum "
+                            f"takes at most 52); the graph is too wide for exact inference")
+    return torch.einsum(a, [ids[x] for x in la], b, [ids[x] for x in lb],
+                        [ids[x] for x in out])
 
 
 def _einsum(a, la, b, lb, reduced):
@@ -215,14 +236,4 @@ def _einsum(a, la, b, lb, reduced):
     own_a = tuple(x for x in la if x not in in_b and x not in reduced)
     own_b = tuple(x for x in lb if x not in in_a and x not in reduced)
     out = shared + own_a + own_b
-    symbols: dict[int, str] = {}
-    for x in (*la, *lb):
-        if x not in symbols:
-            if len(symbols) == len(_LETTERS):
-                from fieldlib.errors import TooLargeError
-
-                raise TooLargeError("one contraction step spans more than 52 variables; "
-                                    "the graph is too wide for exact inference")
-            symbols[x] = _LETTERS[len(symbols)]
-    eq = "{},{}->{}".format(*("".join(symbols[x] for x in lab) for lab in (la, lb, out)))
-    return torch.einsum(eq, a, b), out
+    return einsum_labels(a, la, b, lb, out), out
