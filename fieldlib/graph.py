@@ -25,7 +25,7 @@ from fieldlib.errors import (
     UnknownVariableError,
 )
 from fieldlib.factors.base import DEFAULT_MAX_DENSE_ELEMENTS, Factor, Term
-from fieldlib.variables import Variable, VariableArray
+from fieldlib.variables import Variable, VariableArray, integer_tensor
 
 __all__ = ["FactorGraph"]
 
@@ -45,7 +45,7 @@ class FactorGraph:
         self.arrays: dict[str, VariableArray] = {}
         self.factors: list[Factor] = []
         self.batch_size: int | None = None
-        self._index: dict[int, int] = {}  # id(variable) -> position in self.variables
+        self._index: dict[str, int] = {}  # variable name -> position in self.variables
 
     # -- building -------------------------------------------------------------------------
     def variable(self, name: str, domain) -> Variable:
@@ -76,7 +76,7 @@ class FactorGraph:
             if self.variables[v.name] is v:
                 return
             raise FieldlibError(f"the graph already has a variable named {v.name!r}")
-        self._index[id(v)] = len(self.variables)
+        self._index[v.name] = len(self.variables)
         self.variables[v.name] = v
 
     def _add_array(self, a: VariableArray) -> None:
@@ -125,7 +125,13 @@ class FactorGraph:
 
     # -- queries --------------------------------------------------------------------------
     def index(self, v: Variable) -> int:
-        return self._index[id(v)]
+        """Position of ``v`` in :attr:`variables` (keyed by name, so a copy of the graph made
+        with ``copy.deepcopy``, ``pickle`` or ``torch.save`` indexes its own variables).
+
+        Raises UnknownVariableError when ``v`` is not this graph's variable."""
+        if self.variables.get(v.name) is not v:
+            raise UnknownVariableError(f"{v!r} is not in this graph")
+        return self._index[v.name]
 
     def resolve(self, key) -> Variable | VariableArray:
         """A Variable/VariableArray of this graph from itself or its name."""
@@ -136,6 +142,11 @@ class FactorGraph:
             if found is key:
                 return key
             raise UnknownVariableError(f"{key!r} is not in this graph")
+        if not isinstance(key, str):
+            raise UnknownVariableError(
+                f"expected a Variable, a VariableArray or a name, got {type(key).__name__} "
+                f"{key!r}"
+            )
         if key in self.arrays:
             return self.arrays[key]
         if key in self.variables:
@@ -173,16 +184,35 @@ class FactorGraph:
         """Normalise evidence to ``{Variable: LongTensor ()}`` or ``(N,)`` per batch element.
 
         Keys are Variables, VariableArrays or their names; an array takes a ``(T,)`` or
-        ``(N, T)`` tensor. Raises EvidenceError (out of range, bad shape) and
-        UnknownVariableError.
+        ``(N, T)`` value. A value is an integer state (a tensor, number or list), or a state
+        label (a string, or a list of them) of a variable whose domain has labels; floats
+        are accepted only when they are exact integers.
+
+        Padding (an array made with ``lengths``): a padded position takes no evidence. In
+        evidence for a whole array, and for an element, the value there must be -1 (what
+        MAP reports on padding) or 0 (the state padding is clamped to); it is then ignored.
+        Any other value there raises, naming the variable and the batch element. Every
+        engine shares this rule.
+
+        Raises:
+            EvidenceError: a state out of range, a label the domain does not have, a
+                fraction / NaN / boolean / None / empty value, a bad shape, evidence on a
+                padded position, or one variable given two different values (e.g. by
+                ``"x"`` and ``"x[1]"``).
+            UnknownVariableError: a key that is not a variable or array of this graph.
         """
         out: dict[Variable, torch.Tensor] = {}
-        for key, value in (evidence or {}).items():
+        source: dict[Variable, str] = {}
+        if evidence is None:
+            return out
+        if not isinstance(evidence, Mapping):
+            raise EvidenceError(
+                f"evidence must be a mapping from variables (or arrays, or their names) to "
+                f"states, got {type(evidence).__name__}"
+            )
+        for key, value in evidence.items():
             target = self.resolve(key)
-            value = torch.as_tensor(value, device=self.device)
-            if value.is_floating_point() and bool((value != value.round()).any()):
-                raise EvidenceError(f"evidence for {target.name!r} must be integer states")
-            value = value.long()
+            value = self._evidence_tensor(target, value)
             if isinstance(target, VariableArray):
                 if value.shape[-1:] != (target.size,) or value.dim() > 2:
                     raise EvidenceError(
@@ -197,13 +227,51 @@ class FactorGraph:
                     raise EvidenceError(f"evidence for {v.name!r} must be a scalar or (N,)")
                 if val.dim() == 1:
                     self._check_evidence_batch(v, len(val))
+                val = self._evidence_on_padding(v, val)
                 if bool(((val < 0) | (val >= v.cardinality)).any()):
                     bad = int(val.flatten()[((val < 0) | (val >= v.cardinality)).flatten()][0])
                     raise EvidenceError(
                         f"evidence {v.name}={bad} is outside its states 0..{v.cardinality - 1}"
                     )
-                out[v] = val
+                if v in out:
+                    _check_same_evidence(v, out[v], val, source[v], target.name)
+                out[v], source[v] = val, target.name
         return out
+
+    def _evidence_tensor(self, target, value) -> torch.Tensor:
+        """One evidence value as a LongTensor on the graph's device (labels mapped)."""
+        name = target.name
+        if value is None:
+            raise EvidenceError(f"evidence for {name!r} is None; give a state (an integer)")
+        value = _map_labels(target, value)
+        big = _beyond_int64(value)
+        if big is not None:
+            raise EvidenceError(
+                f"evidence {name}={big} is outside its states 0..{target.cardinality - 1}")
+        try:
+            value = integer_tensor(value, f"evidence for {name!r}")
+        except FieldlibError as exc:
+            raise EvidenceError(f"{exc} (states 0..{target.cardinality - 1})") from None
+        if value.numel() == 0:
+            raise EvidenceError(f"evidence for {name!r} is empty (shape "
+                                f"{tuple(value.shape)}); leave the variable out instead")
+        return value.to(self.device)
+
+    def _evidence_on_padding(self, v: Variable, val: torch.Tensor) -> torch.Tensor:
+        """Apply the padding rule of :meth:`evidence`: -1 or 0 on padding, set to 0."""
+        active = self.active(v)
+        if active is None or bool(active.all()):
+            return val
+        full = val.expand(len(active))
+        bad = ~active & (full != -1) & (full != 0)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise EvidenceError(
+                f"evidence {v.name}={int(full[b])} in batch element {b}, where {v.name} is "
+                f"padding (lengths[{b}] = {int(v.array.lengths[b])}); a padded position "
+                f"takes no evidence: give -1 there or leave it out"
+            )
+        return torch.where(active, full, full.new_zeros(()))
 
     def batch_of(self, evidence: dict[Variable, torch.Tensor]) -> tuple[int, bool]:
         """``(N, batched)`` of a query: the graph's batch size, or the length of per-batch
@@ -239,12 +307,19 @@ class FactorGraph:
         out.extend(self._padding_clamps())
         return out
 
-    def _mask_term(self, term: Term) -> Term:
+    def term_active(self, term: Term) -> torch.Tensor | None:
+        """``BoolTensor (N,)``: whether every variable of ``term`` is real (not padding) per
+        batch element; None when no variable of its scope is ever padded. A term that is
+        not active is masked to zero and its factor marginal is zero."""
         active = None
         for v in term.variables:
             a = self.active(v)
             if a is not None:
                 active = a if active is None else active & a
+        return active
+
+    def _mask_term(self, term: Term) -> Term:
+        active = self.term_active(term)
         if active is None or bool(active.all()):
             return term
         shape = (-1,) + (1,) * len(term.variables)
@@ -314,6 +389,61 @@ class FactorGraph:
     def __repr__(self) -> str:
         return (f"FactorGraph({len(self.variables)} variables, {len(self.factors)} factors"
                 f"{', batch ' + str(self.batch_size) if self.batch_size else ''})")
+
+
+def _map_labels(target, value):
+    """Replace state labels (strings) in ``value`` by their states; other items pass."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        labels = target.domain.labels
+        try:
+            return target.domain.state(value)
+        except KeyError:
+            if labels is None or not any(isinstance(x, str) for x in labels):
+                raise EvidenceError(
+                    f"evidence {target.name}={value!r}: a string names a state label, and "
+                    f"{target.name!r} has no labels; give an integer state "
+                    f"0..{target.cardinality - 1}"
+                ) from None
+            raise EvidenceError(
+                f"evidence {target.name}={value!r}: not a state label of {target.name!r}; "
+                f"its labels are {_preview(labels)}"
+            ) from None
+    if getattr(getattr(value, "dtype", None), "kind", None) in ("U", "S", "O") \
+            and hasattr(value, "tolist"):
+        value = value.tolist()  # a numpy array of strings (or objects)
+    if isinstance(value, list | tuple):
+        return [_map_labels(target, x) for x in value]
+    return value
+
+
+def _beyond_int64(value):
+    """The first Python int in ``value`` (nested lists) outside int64, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if not -(2**63) <= value < 2**63 else None
+    if isinstance(value, list | tuple):
+        for x in value:
+            big = _beyond_int64(x)
+            if big is not None:
+                return big
+    return None
+
+
+def _check_same_evidence(v: Variable, old: torch.Tensor, new: torch.Tensor, first: str,
+                         second: str) -> None:
+    """Raise EvidenceError when ``v`` is given two different values."""
+    try:
+        a, b = torch.broadcast_tensors(old, new)
+        same = bool((a == b).all())
+    except RuntimeError:
+        same = False
+    if not same:
+        by = f"by {first!r} and by {second!r}" if first != second else f"twice by {first!r}"
+        raise EvidenceError(
+            f"conflicting evidence for {v.name!r}: given {by} with different values "
+            f"({old.tolist()} and {new.tolist()})"
+        )
 
 
 def _preview(names, k: int = 8) -> str:

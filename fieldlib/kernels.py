@@ -8,6 +8,7 @@ Gaussian, σ = 150 frames at 24 fps (6.25 s).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -21,17 +22,36 @@ class GaussianKernel:
     """k(t_i, t_j) = exp(-(t_j - t_i)^2 / (2 σ^2)).
 
     Args:
-        sigma: bandwidth in the unit of the frame times (> 0).
+        sigma: bandwidth in the unit of the frame times: a finite number > 0.
+
+    Evaluated as exp(-(Δ/σ)^2 / 2), with σ clipped to the range of Δ's dtype, so no σ
+    gives 0/0 or an overflow: a σ below the dtype's smallest normal number is a kernel that
+    is 1 at Δ = 0 and 0 elsewhere, one above its largest is 1 everywhere.
+
+    Raises:
+        FieldlibError: sigma not a finite number > 0 (0, negative, NaN, inf, a string,
+            a boolean).
     """
 
     def __init__(self, sigma: float):
-        if not float(sigma) > 0:
-            raise FieldlibError(f"a Gaussian kernel needs sigma > 0, got {sigma!r}")
-        self.sigma = float(sigma)
+        value = None
+        if not isinstance(sigma, bool | str | bytes):
+            try:
+                value = float(sigma)
+            except (TypeError, ValueError, RuntimeError):
+                value = None
+        if value is None or not (math.isfinite(value) and value > 0):
+            raise FieldlibError(
+                f"a Gaussian kernel needs sigma > 0, a finite number, got {sigma!r}")
+        self.sigma = value
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         """Kernel value at time differences ``delta`` (any shape)."""
-        return torch.exp(-(delta * delta) / (2.0 * self.sigma**2))
+        dtype = delta.dtype if delta.is_floating_point() else torch.get_default_dtype()
+        info = torch.finfo(dtype)
+        sigma = min(max(self.sigma, info.tiny), info.max)
+        z = delta / sigma
+        return torch.exp(-0.5 * (z * z))
 
     def __repr__(self) -> str:
         return f"GaussianKernel(sigma={self.sigma:g})"
@@ -42,21 +62,41 @@ class KernelSum:
 
     Args:
         kernels: the k_m, each callable on time differences.
-        weights: the w_m; a tensor of shape (M,) may require grad (learned weights).
+        weights: the w_m, finite real numbers; a tensor of shape (M,) may require grad
+            (learned weights).
+
+    Raises:
+        FieldlibError: no kernels, a kernel that is not callable, weights that are NaN,
+            infinite, complex or boolean. ShapeError: weights not of shape (M,).
     """
 
     def __init__(self, kernels: Sequence, weights=None):
         self.kernels = list(kernels)
         if not self.kernels:
             raise FieldlibError("KernelSum needs at least one kernel")
+        for m, k in enumerate(self.kernels):
+            if not callable(k):
+                raise FieldlibError(f"KernelSum: kernel {m} is not callable: {k!r}")
         if weights is None:
             weights = torch.ones(len(self.kernels))
-        w = torch.as_tensor(weights)
+        try:
+            w = torch.as_tensor(weights)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise FieldlibError(f"KernelSum: weights must be real numbers ({exc})") from None
+        if w.is_complex() or w.dtype == torch.bool:
+            raise FieldlibError(f"KernelSum: weights must be real numbers, got {w.dtype}")
         if w.shape != (len(self.kernels),):
             raise ShapeError(
                 f"KernelSum: {len(self.kernels)} kernels need weights of shape "
                 f"({len(self.kernels)},), got {tuple(w.shape)}"
             )
+        if not w.is_floating_point():
+            w = w.to(torch.get_default_dtype())
+        bad = ~torch.isfinite(w.detach())
+        if bool(bad.any()):
+            m = int(bad.nonzero()[0, 0])
+            raise FieldlibError(
+                f"KernelSum: weight {m} is {float(w[m])}; kernel weights must be finite")
         self.weights = w
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
@@ -68,8 +108,12 @@ class KernelSum:
 
 
 def as_kernel(kernel) -> GaussianKernel | KernelSum:
-    """A number is the σ of one Gaussian; a kernel object passes through."""
-    if isinstance(kernel, int | float):
+    """A number is the σ of one Gaussian; a kernel object (any callable) passes through.
+
+    Raises FieldlibError for anything else (a boolean, a string, a bad σ)."""
+    if isinstance(kernel, bool | str | bytes):
+        raise FieldlibError(f"expected a kernel or a sigma, got {kernel!r}")
+    if isinstance(kernel, numbers.Real):
         return GaussianKernel(kernel)
     if callable(kernel):
         return kernel

@@ -14,37 +14,104 @@ Conventions (stated once, used everywhere):
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from fieldlib.errors import CardinalityError, FieldlibError, ShapeError
 
-__all__ = ["Domain", "BlockDomain", "Variable", "VariableArray", "as_domain"]
+__all__ = ["Domain", "BlockDomain", "Variable", "VariableArray", "as_domain", "as_count",
+           "integer_tensor"]
+
+
+def as_count(value, what: str, error=CardinalityError, minimum: int = 1) -> int:
+    """``value`` as a Python int >= ``minimum``: an int (not a bool), an integral finite float
+    or a 0-d integer tensor. Anything else (2.5, NaN, "3", True, ...) raises ``error`` whose
+    message starts with ``what``."""
+    ok = False
+    if not isinstance(value, bool | str | bytes):
+        if hasattr(value, "__index__"):
+            value, ok = int(value.__index__()), True
+        elif isinstance(value, numbers.Real) or (
+                isinstance(value, torch.Tensor) and value.dim() == 0
+                and value.is_floating_point()):
+            value = float(value)
+            ok = math.isfinite(value) and value == int(value)
+            value = int(value) if ok else value
+    if not ok or value < minimum:
+        raise error(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def integer_tensor(value, what: str) -> torch.Tensor:
+    """``value`` as a LongTensor with no rounding: integer data, or floats that are exactly
+    integers. Raises FieldlibError naming ``what`` for anything else (fractions, NaN, inf,
+    booleans, complex numbers, strings, None, integers beyond int64)."""
+    if value is None:
+        raise FieldlibError(f"{what} is None; expected integers")
+    try:
+        t = torch.as_tensor(value)
+        if t.is_floating_point() and not isinstance(value, torch.Tensor):
+            t = torch.as_tensor(value, dtype=torch.float64)  # float32 would round 2**24 + 1
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise FieldlibError(f"{what} must be integers, got {_short(value)} ({exc})") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise FieldlibError(f"{what} must be integers, got a {t.dtype} tensor")
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t) | (t != t.round()) | (t.abs() >= 2.0**63)
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise FieldlibError(
+                f"{what} must be integers, got {t[where].item()!r} at index {where}")
+    return t.long()
+
+
+def _short(value, k: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= k else text[: k - 3] + "..."
 
 
 class Domain:
     """A finite set of ``size`` states, optionally labelled.
 
     Args:
-        size: number of states (>= 1).
-        labels: optional sequence of ``size`` labels (strings or any hashable) for display.
+        size: number of states (an integer >= 1).
+        labels: optional sequence of ``size`` distinct labels (strings or any hashable);
+            string labels may be used as evidence (see :meth:`state`).
 
     Raises:
-        CardinalityError: ``size`` < 1 or ``labels`` of the wrong length.
+        CardinalityError: ``size`` not an integer >= 1 (2.5, "3", True, NaN), ``labels`` of
+            the wrong length or repeated.
     """
 
     def __init__(self, size: int, labels: Sequence | None = None):
-        if int(size) != size or size < 1:
-            raise CardinalityError(f"a domain needs a positive integer size, got {size!r}")
-        self.size = int(size)
+        self.size = as_count(size, "a domain's size")
         if labels is not None:
+            if isinstance(labels, str | bytes):
+                raise CardinalityError(
+                    f"domain labels must be a sequence of labels, got the string {labels!r}")
             labels = list(labels)
             if len(labels) != self.size:
                 raise CardinalityError(
                     f"a domain of size {self.size} got {len(labels)} labels"
                 )
+            try:
+                distinct = len(set(labels)) == len(labels)
+            except TypeError:
+                raise CardinalityError("domain labels must be hashable") from None
+            if not distinct:
+                raise CardinalityError(f"domain labels must be distinct, got {labels!r}")
         self.labels = labels
+
+    def state(self, label: str) -> int:
+        """The state whose label is the string ``label``.
+
+        Raises KeyError when the domain has no such label (callers add context)."""
+        if self.labels is None or label not in self.labels:
+            raise KeyError(label)
+        return self.labels.index(label)
 
     def label(self, state: int):
         """The label of ``state`` (the state itself when the domain is unlabelled)."""
@@ -80,7 +147,7 @@ class BlockDomain(Domain):
         self.components = {
             name: (d if isinstance(d, Domain) else Domain(d)) for name, d in components.items()
         }
-        t = torch.as_tensor(tuples, dtype=torch.long)
+        t = integer_tensor(tuples, "block tuples")
         if t.dim() != 2 or t.shape[1] != len(self.components):
             raise ShapeError(
                 f"block tuples must have shape (S, {len(self.components)}) for components "
@@ -127,12 +194,29 @@ class BlockDomain(Domain):
 
 
 def as_domain(domain: int | Domain | Sequence) -> Domain:
-    """Accept a size, a Domain, or a list of labels."""
+    """Accept a size (an integer), a Domain, or a list of labels.
+
+    Raises CardinalityError for anything else, e.g. 2.5, NaN, True or the string "3" (a
+    string is not taken as a list of one-character labels).
+    """
     if isinstance(domain, Domain):
         return domain
-    if hasattr(domain, "__index__"):  # int, numpy integer, 0-d integer tensor
-        return Domain(int(domain))
-    return Domain(len(domain), labels=list(domain))
+    if isinstance(domain, str | bytes | bool) or domain is None:
+        raise CardinalityError(
+            f"a domain is a number of states, a Domain or a list of labels; got {domain!r}")
+    if isinstance(domain, torch.Tensor) and domain.dim() > 0:
+        raise CardinalityError(
+            f"a domain is a number of states, a Domain or a list of labels; got a tensor of "
+            f"shape {tuple(domain.shape)}")
+    if isinstance(domain, numbers.Real | torch.Tensor) or hasattr(domain, "__index__"):
+        return Domain(domain)
+    try:
+        labels = list(domain)
+    except TypeError:
+        raise CardinalityError(
+            f"a domain is a number of states, a Domain or a list of labels; got "
+            f"{_short(domain)}") from None
+    return Domain(len(labels), labels=labels)
 
 
 class Variable:
@@ -169,36 +253,41 @@ class VariableArray:
         name: array name; element ``t`` is named ``f"{name}[{t}]"``.
         size: number of positions T.
         domain: shared domain (cardinality, Domain, BlockDomain or labels).
-        lengths: optional ``LongTensor (N,)``: for a batch of N sequences padded to T,
-            positions ``t >= lengths[n]`` are padding in batch element n. Padding is
+        lengths: optional integers ``(N,)`` (N >= 1): for a batch of N sequences padded to
+            T, positions ``t >= lengths[n]`` are padding in batch element n. Padding is
             clamped out of the model: it contributes nothing to log Z, and every factor
-            term touching a padded position is masked to zero (see FactorGraph).
+            term touching a padded position is masked to zero (see FactorGraph). A length
+            of 0 (an empty video) is valid: that element's array contributes nothing.
 
     Indexing ``array[t]`` gives the element :class:`Variable`; iteration yields all.
+
+    Raises:
+        ShapeError: ``size`` not an integer >= 1; ``lengths`` not a non-empty 1-d list of
+            integers in 0..size (fractions, NaN and booleans are refused, not rounded).
+        CardinalityError: a bad domain (see :func:`as_domain`).
     """
 
     def __init__(self, name: str, size: int, domain, lengths=None):
-        if int(size) != size or size < 1:
-            raise ShapeError(f"array {name!r} needs a positive size, got {size!r}")
         self.name = str(name)
-        self.size = int(size)
+        self.size = as_count(size, f"array {self.name!r}: its size", ShapeError)
         self.domain = as_domain(domain)
         self.variables = [Variable(f"{self.name}[{t}]", self.domain) for t in range(self.size)]
         for t, v in enumerate(self.variables):
             v.array, v.position = self, t
         self.lengths = None
         if lengths is not None:
-            lengths = torch.as_tensor(lengths, dtype=torch.long)
-            if lengths.dim() != 1:
+            what = f"array {self.name!r}: lengths"
+            try:
+                lengths = integer_tensor(lengths, what)
+            except FieldlibError as exc:
+                raise ShapeError(str(exc)) from None
+            if lengths.dim() != 1 or len(lengths) == 0:
                 raise ShapeError(
-                    f"array {name!r}: lengths must be one-dimensional (N,), "
-                    f"got shape {tuple(lengths.shape)}"
+                    f"{what} must be one-dimensional (N,) with N >= 1 (one length per batch "
+                    f"element), got shape {tuple(lengths.shape)}"
                 )
-            if len(lengths) and (lengths.min() < 1 or lengths.max() > self.size):
-                raise ShapeError(
-                    f"array {name!r}: lengths must lie in 1..{self.size}, got "
-                    f"{lengths.tolist()}"
-                )
+            if lengths.min() < 0 or lengths.max() > self.size:
+                raise ShapeError(f"{what} must lie in 0..{self.size}, got {lengths.tolist()}")
             self.lengths = lengths
 
     @property

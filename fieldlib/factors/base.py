@@ -25,8 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fieldlib.errors import FieldlibError, InvalidPotentialError, ShapeError, TooLargeError
-from fieldlib.variables import Variable, VariableArray
+from fieldlib.errors import (
+    CardinalityError,
+    FieldlibError,
+    InvalidPotentialError,
+    ShapeError,
+    TooLargeError,
+)
+from fieldlib.variables import Variable, VariableArray, integer_tensor
 
 __all__ = [
     "Term",
@@ -34,6 +40,7 @@ __all__ = [
     "register_factor",
     "factor_types",
     "check_log_potential",
+    "check_configs",
     "DEFAULT_MAX_DENSE_ELEMENTS",
     "OnComponent",
     "expected_log_table",
@@ -89,8 +96,21 @@ class Term:
 
 
 def check_log_potential(tensor, what: str) -> torch.Tensor:
-    """Return ``tensor`` as a floating tensor; reject NaN and +inf with a clear error."""
-    t = torch.as_tensor(tensor)
+    """Return ``tensor`` as a floating tensor; reject NaN and +inf with a clear error.
+
+    Integer tensors become the default floating dtype. Raises InvalidPotentialError for NaN,
+    +inf, complex or boolean values, and anything that is not numbers (None, strings).
+    """
+    try:
+        t = torch.as_tensor(tensor)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise InvalidPotentialError(
+            f"{what}: log-potentials must be a real tensor, got {type(tensor).__name__} ({exc})"
+        ) from None
+    if t.is_complex() or t.dtype == torch.bool:
+        raise InvalidPotentialError(
+            f"{what}: log-potentials must be real numbers, got a {t.dtype} tensor"
+        )
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
     bad = torch.isnan(t) | (t == math.inf)
@@ -102,6 +122,38 @@ def check_log_potential(tensor, what: str) -> torch.Tensor:
             f"meaning impossible, are allowed)"
         )
     return t
+
+
+def check_configs(configs, names: Sequence[str], cards: Sequence[int],
+                  what: str) -> torch.Tensor:
+    """Validate listed configurations: ``LongTensor (K, k)``, K >= 1, column j in
+    ``0..cards[j]-1`` (``names[j]`` in messages), rows distinct.
+
+    Raises FieldlibError (not integers: floats are not rounded; no configuration, which
+    would make every configuration impossible; a repeated row), ShapeError (not (K, k)) and
+    CardinalityError (a value out of range).
+    """
+    k = len(cards)
+    c = integer_tensor(configs, f"{what}: configs")
+    if c.dim() != 2 or c.shape[1] != k:
+        if c.numel() == 0:
+            raise FieldlibError(f"{what}: no configurations listed; at least one is needed "
+                                f"(with none, every configuration is impossible)")
+        raise ShapeError(f"{what}: configs must have shape (K, {k}), got {tuple(c.shape)}")
+    if len(c) == 0:
+        raise FieldlibError(f"{what}: no configurations listed; at least one is needed "
+                            f"(with none, every configuration is impossible)")
+    for j, d in enumerate(cards):
+        bad = (c[:, j] < 0) | (c[:, j] >= d)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise CardinalityError(
+                f"{what}: configuration {row} has value {int(c[row, j])} for {names[j]}, "
+                f"outside 0..{d - 1}"
+            )
+    if len(torch.unique(c, dim=0)) != len(c):
+        raise FieldlibError(f"{what}: configurations must be distinct; found a repeated row")
+    return c
 
 
 def _flatten_scope(scope) -> list[Variable | VariableArray]:

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from fieldlib.errors import FieldlibError, ShapeError
+from fieldlib.errors import FieldlibError
 from fieldlib.factors.base import (
     Factor,
     Term,
+    check_configs,
     check_log_potential,
     expected_log_table,
     register_factor,
@@ -34,11 +35,18 @@ class Component(Factor):
         components: component names, e.g. ``("o", "p")``.
         table: dense mode: ``Tensor ([N,] [T,] d_1, ..., d_m)`` over the components.
             Sparse mode (``configs`` given): ``Tensor ([N,] [T,] K)``, one value per config.
-        configs: optional ``LongTensor (K, m)`` of component tuples (e.g. the set B over
-            (c, o, a, p)); block states whose sub-tuple is not listed get ``-inf``.
+        configs: optional integers ``(K, m)``, K >= 1, of distinct component tuples (e.g.
+            the set B over (c, o, a, p)); block states whose sub-tuple is not listed get
+            ``-inf``.
 
     The block log-table is ``table[..., comp_1(x), ..., comp_m(x)]`` for every block state x,
     shape ``([N,] [T,] S)``.
+
+    Raises:
+        FieldlibError: the target has no BlockDomain, an unknown component, configs that are
+            not integers, none at all, or a repeated one.
+        ShapeError / CardinalityError: a wrong shape, a config value out of its component's
+            range. InvalidPotentialError: NaN or +inf in the table.
     """
 
     def __init__(self, target, components: Sequence[str], table, configs=None,
@@ -51,7 +59,8 @@ class Component(Factor):
             raise FieldlibError(
                 f"{self.label}: target {self.scope[0].name!r} does not have a BlockDomain"
             )
-        self.components = tuple(components)
+        self.components = (components,) if isinstance(components, str) else \
+            tuple(components)
         self.length = self.scope[0].size if isinstance(self.scope[0], VariableArray) else None
         self.table = check_log_potential(table, self.label)
         lead = (self.length,) if self.length is not None else ()
@@ -62,23 +71,18 @@ class Component(Factor):
             self._index = flat  # block state -> flat component index
             self._valid = None
         else:
-            c = torch.as_tensor(configs, dtype=torch.long)
-            if c.dim() != 2 or c.shape[1] != len(self.components):
-                raise ShapeError(
-                    f"{self.label}: configs must have shape (K, {len(self.components)}), "
-                    f"got {tuple(c.shape)}"
-                )
+            names = [f"component {comp!r}" for comp in self.components]
+            sizes = [domain.components[comp].size for comp in self.components]
+            c = check_configs(configs, names, sizes, self.label)
             code = torch.zeros(len(c), dtype=torch.long)
             for k, comp in enumerate(self.components):
                 code = code * domain.components[comp].size + c[:, k]
             sorted_code, order = torch.sort(code)
-            if len(sorted_code) > 1 and bool((sorted_code[1:] == sorted_code[:-1]).any()):
-                raise FieldlibError(f"{self.label}: configs must be distinct")
             self.batched = self._set_batch(self.table, lead + (len(c),), "table")
-            pos = torch.searchsorted(sorted_code, flat).clamp(max=max(len(c) - 1, 0))
-            self._valid = ((sorted_code[pos] == flat) if len(c)
-                           else torch.zeros_like(flat, dtype=bool))
+            pos = torch.searchsorted(sorted_code, flat).clamp(max=len(c) - 1)
+            self._valid = sorted_code[pos] == flat
             self._index = order[pos]  # block state -> config row (where valid)
+            configs = c
         self.configs = configs
 
     def tensors(self):

@@ -20,7 +20,13 @@ from fieldlib.factors.base import (
     register_factor,
 )
 from fieldlib.factors.frame_intent import component_map
-from fieldlib.kernels import as_kernel, pairwise_kernel, temporal_sums
+from fieldlib.kernels import (
+    GaussianKernel,
+    KernelSum,
+    as_kernel,
+    pairwise_kernel,
+    temporal_sums,
+)
 from fieldlib.variables import VariableArray
 
 __all__ = ["KernelTemporal"]
@@ -33,9 +39,17 @@ class KernelTemporal(Factor):
     Args:
         frames: VariableArray of T frames (its ``lengths`` mark padding).
         mu: ``Tensor ([N,] D, D)``: µ(a, b), D the component's cardinality.
-        times: ``Tensor ([N,] T)`` frame times (default ``0, 1, ..., T-1``), non-decreasing.
-        kernel: a σ (one Gaussian) or a kernel object (``GaussianKernel``, ``KernelSum``).
+        times: ``Tensor ([N,] T)`` frame times (default ``0, 1, ..., T-1``), finite and
+            non-decreasing.
+        kernel: a σ (one Gaussian) or a kernel object (``GaussianKernel``, ``KernelSum``,
+            or any callable on time differences).
         component: block component µ acts on (e.g. ``"o"``), or None for the full state.
+
+    Raises:
+        ShapeError: wrong shapes; times that are not finite real numbers or decrease.
+        InvalidPotentialError / FieldlibError: µ with NaN or ±inf; a bad σ or kernel
+            weights (see :mod:`fieldlib.kernels`); a callable kernel that is not finite at
+            the sequence's time differences.
     """
 
     def __init__(self, frames: VariableArray, mu, times=None, kernel=150.0,
@@ -53,11 +67,45 @@ class KernelTemporal(Factor):
         self.mu_batched = self._set_batch(self.mu, (d, d), "mu")
         if times is None:
             times = torch.arange(frames.size, dtype=self.mu.dtype, device=self.mu.device)
-        self.times = torch.as_tensor(times, dtype=self.mu.dtype, device=self.mu.device)
+        self.times = self._check_times(times)
         self.times_batched = self._set_batch(self.times, (frames.size,), "times")
-        if torch.isnan(self.times).any() or (torch.diff(self.times, dim=-1) < 0).any():
-            raise ShapeError(f"{self.label}: frame times must be non-decreasing and not NaN")
+        if (torch.diff(self.times, dim=-1) < 0).any():
+            raise ShapeError(f"{self.label}: frame times must be non-decreasing")
+        self._check_kernel()
         self.batched = self.mu_batched or self.times_batched
+
+    def _check_times(self, times) -> torch.Tensor:
+        try:
+            t = torch.as_tensor(times)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ShapeError(f"{self.label}: frame times must be real numbers ({exc})") from None
+        if t.is_complex() or t.dtype == torch.bool:
+            raise ShapeError(f"{self.label}: frame times must be real numbers, got {t.dtype}")
+        t = t.to(dtype=self.mu.dtype, device=self.mu.device)
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):  # inf - inf would be NaN in every kernel value
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise ShapeError(f"{self.label}: frame times must be finite and non-decreasing, "
+                             f"got {float(t[where])} at index {where}")
+        return t
+
+    def _check_kernel(self) -> None:
+        """A kernel of our own is finite by construction; a user's callable is evaluated at
+        the time differences of consecutive frames, 0 and the whole span."""
+        if isinstance(self.kernel, GaussianKernel | KernelSum):
+            return
+        t = self.times
+        probe = torch.cat([t.new_zeros(1), torch.diff(t, dim=-1).flatten(),
+                           (t[..., -1] - t[..., 0]).flatten()])
+        with torch.no_grad():
+            k = torch.as_tensor(self.kernel(probe))
+        bad = ~torch.isfinite(k)
+        if bool(bad.any()):
+            i = int(bad.flatten().nonzero()[0, 0])
+            raise FieldlibError(
+                f"{self.label}: the kernel is {float(k.flatten()[i])} at time difference "
+                f"{float(probe[i])}; kernel values must be finite"
+            )
 
     def tensors(self):
         return [self.mu, self.times]

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from fieldlib.errors import CardinalityError, FieldlibError, ShapeError
+from fieldlib.errors import CardinalityError, ShapeError
 from fieldlib.factors.base import (
     Factor,
     Term,
     at,
+    check_configs,
     check_log_potential,
     expected_log_table,
     positions,
@@ -101,35 +102,24 @@ class SparseTable(Factor):
 
     Args:
         scope: Variables / arrays as for :class:`Table`.
-        configs: ``LongTensor (K, k)``: the allowed configurations (distinct rows).
+        configs: integers ``(K, k)``, K >= 1: the allowed configurations (distinct rows).
         values: ``Tensor ([N,] [L,] K)``: the log-potential of each listed configuration.
 
     Raises:
         ShapeError, CardinalityError (a config value out of range), FieldlibError
-        (repeated configuration), InvalidPotentialError.
+        (configs that are not integers, none at all, or a repeated one),
+        InvalidPotentialError.
     """
 
     def __init__(self, scope, configs, values, name: str | None = None):
         super().__init__(scope, name)
         self.length = positions(self.scope)
         cards = _cards(self.scope)
-        c = torch.as_tensor(configs, dtype=torch.long)
-        if c.dim() != 2 or c.shape[1] != len(cards):
-            raise ShapeError(
-                f"{self.label}: configs must have shape (K, {len(cards)}), got {tuple(c.shape)}"
-            )
-        for k, d in enumerate(cards):
-            if len(c) and (c[:, k].min() < 0 or c[:, k].max() >= d):
-                row = int(((c[:, k] < 0) | (c[:, k] >= d)).nonzero()[0, 0])
-                raise CardinalityError(
-                    f"{self.label}: configuration {row} has value {int(c[row, k])} for "
-                    f"{self.scope[k].name}, outside 0..{d - 1}"
-                )
+        names = [item.name for item in self.scope]
+        c = check_configs(configs, names, cards, self.label)
         flat = torch.zeros(len(c), dtype=torch.long)
         for k, d in enumerate(cards):
             flat = flat * d + c[:, k]
-        if len(torch.unique(flat)) != len(flat):
-            raise FieldlibError(f"{self.label}: configurations must be distinct")
         self.configs, self._flat, self._cards = c, flat, cards
         self.values = check_log_potential(values, self.label)
         core = ((self.length,) if self.length is not None else ()) + (len(c),)

@@ -8,9 +8,9 @@ seconds. Instances may end after ``length`` (about a third do); that is kept as 
 official scorer does the same.
 
 Every malformed row raises :class:`fieldlib.errors.FormatError` naming the file, the line
-(1-based, the header is line 1) and the field: a missing column, an empty or duplicate id,
-an unknown class id, a non-numeric or negative time, a non-numeric length, and an instance
-whose end is before its start. Nothing is dropped silently.
+(1-based, the header is line 1) and the field: a missing or repeated column, an empty or
+duplicate id, an unknown class id, a non-numeric or negative time, a non-numeric length, and
+an instance whose end is before its start. Nothing is dropped silently.
 
 End-before-start instances: the official ``Charades_v1_train.csv`` has seven (e.g. video
 00SL4, ``c071 18.00 10.00``); the test CSV has none. ``reversed_intervals`` chooses what to
@@ -210,7 +210,12 @@ def read_annotations(
         except (csv.Error, UnicodeDecodeError) as exc:
             raise FormatError(f"{path}: line 1: {exc}") from None
         header = [h.strip() for h in header]
-        col = {name: i for i, name in enumerate(header)}
+        col: dict[str, int] = {}
+        for i, name in enumerate(header):
+            if name in col and name in COLUMNS:
+                raise FormatError(f"{path}: line 1: column {name} appears twice in the header "
+                                  f"(fields {col[name] + 1} and {i + 1})")
+            col.setdefault(name, i)
         for name in COLUMNS:
             if name not in col:
                 raise FormatError(f"{path}: line 1: field {name}: column missing from the "

@@ -25,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fieldlib.errors import FieldlibError
+
 from .annotations import REVERSED_POLICIES, Annotations, read_annotations
 from .baseline import prior_classify_scores, prior_localize_scores
 from .labels import LabelSpace, load_labels, scene_vocabulary
 from .metrics import EvalResult, classify_map, localize_map
-from .statespace import TRAIN_FPS, build_state_space
+from .statespace import TRAIN_FPS, build_state_space, check_fps
 from .submission import read_submission, write_classify_submission, write_localize_submission
 from .synthetic import SyntheticCharades, SyntheticConfig, write_jpeg_folders
 
@@ -56,11 +58,29 @@ def _labels(args, csv_path: str) -> LabelSpace:
                        getattr(args, "verbs", None))
 
 
+def _check_output(path: str | None, option: str) -> None:
+    """Refuse (FieldlibError) an output file whose folder does not exist, before any work."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise FieldlibError(f"{option} {path}: is a folder; give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise FieldlibError(f"{option} {path}: folder {folder} does not exist")
+
+
 def _write_json(path: str, doc: dict) -> None:
-    Path(path).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    try:
+        Path(path).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n",
+                              encoding="utf-8")
+    except OSError as exc:
+        raise FieldlibError(f"--json {path}: cannot write: {exc.strerror or exc}") from None
 
 
 def cmd_info(args) -> int:
+    _check_output(args.json, "--json")
+    check_fps(args.fps)
     train = _read_csv(args.train, args)
     labels = _labels(args, args.train)
     space = build_state_space(train, labels, fps=args.fps)
@@ -130,6 +150,7 @@ def _print_result(res: EvalResult, labels: LabelSpace, top: int, read_s: float,
 
 
 def cmd_eval(args) -> int:
+    _check_output(args.json, "--json")
     t0 = time.perf_counter()
     gt = _read_csv(args.gt, args)
     labels = _labels(args, args.gt)
@@ -154,6 +175,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prior(args) -> int:
+    _check_output(args.out, "--out")
     train = _read_csv(args.train, args)
     gt = _read_csv(args.gt, args)
     if args.task == "classify":
@@ -174,10 +196,10 @@ def cmd_synth(args) -> int:
         wanted = args.ids.split(",")
         missing = [v for v in wanted if v not in ann.index]
         if missing:
-            from fieldlib.errors import FieldlibError
-
             raise FieldlibError(f"videos not in {args.csv}: {', '.join(missing)}")
         videos = [ann[ann.index[v]] for v in wanted]
+    if args.limit < 1:
+        raise FieldlibError(f"--limit must be at least 1, not {args.limit}")
     videos = videos[: args.limit]
     gen = SyntheticCharades(labels, scene_vocabulary([v.scene for v in ann]),
                             SyntheticConfig(size=args.size, snr=args.snr, seed=args.seed))
@@ -213,23 +235,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     top.set_defaults(func=_help(top))
     sub = top.add_subparsers(dest="charades_command", metavar="COMMAND")
 
-    p = sub.add_parser("info", help="summarise annotations and the frame state space B")
+    p = sub.add_parser("info", help="summarise annotations and the frame state space B",
+                       description="Summarise a Charades annotation CSV: videos, instances, "
+                       "and the frame state space B of the temporal field (the distinct "
+                       "(category, object, verb, progress) tuples of the training frames).")
     p.add_argument("--train", required=True, help="Charades_v1_train.csv")
     p.add_argument("--test", help="Charades_v1_test.csv (optional summary)")
     p.add_argument("--mapping", help="Charades_v1_mapping.txt (cNNN oNNN vNNN)")
     p.add_argument("--objects", help="Charades_v1_objectclasses.txt")
     p.add_argument("--verbs", help="Charades_v1_verbclasses.txt")
-    p.add_argument("--fps", type=float, default=TRAIN_FPS, help="training frame rate (8)")
+    p.add_argument("--fps", type=float, default=TRAIN_FPS,
+                   help="training frame rate, a finite number > 0 (8)")
     p.add_argument("--json", help="also write the summary as JSON")
     _common(p)
     p.set_defaults(func=cmd_info)
 
-    ev = sub.add_parser("eval", help="official Charades metrics of a submission")
+    ev = sub.add_parser("eval", help="official Charades metrics of a submission",
+                        description="Score a submission file with the official Charades "
+                        "metrics: 'classify' (per-video class scores; mAP and wAP as "
+                        "Charades_v1_classify.m) or 'localize' (25 time points a video; mAP "
+                        "as Charades_v1_localize.m). Strict by default: a malformed file is "
+                        "an error naming the line; --lenient reads what the official scripts "
+                        "read.")
     ev.set_defaults(func=_help(ev))
     ev_sub = ev.add_subparsers(dest="task", metavar="TASK")
     for task, what in (("classify", "classification mAP/wAP (Charades_v1_classify.m)"),
                        ("localize", "localization mAP (Charades_v1_localize.m)")):
-        p = ev_sub.add_parser(task, help=what)
+        p = ev_sub.add_parser(task, help=what, description=f"Score a {task} submission "
+                              f"against the ground truth: {what}.")
         p.add_argument("--gt", required=True, help="ground truth CSV (Charades_v1_test.csv)")
         p.add_argument("--submission", required=True, help="submission file")
         p.add_argument("--lenient", action="store_true",
@@ -240,22 +273,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         _common(p)
         p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("prior", help="write a training-frequency baseline submission")
-    p.add_argument("--train", required=True)
+    p = sub.add_parser("prior", help="write a training-frequency baseline submission",
+                       description="Write a baseline submission that scores every video "
+                       "with how often each class occurs in the training annotations.")
+    p.add_argument("--train", required=True,
+                   help="training CSV (Charades_v1_train.csv) the class frequencies come from")
     p.add_argument("--gt", required=True, help="the CSV whose videos the submission covers")
-    p.add_argument("--task", choices=("classify", "localize"), required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--task", choices=("classify", "localize"), required=True,
+                   help="classify: one row a video; localize: 25 rows a video (one per "
+                        "official time point)")
+    p.add_argument("--out", required=True, help="submission file to write (its folder must "
+                   "exist)")
     _common(p, classes=False)
     p.set_defaults(func=cmd_prior)
 
-    p = sub.add_parser("synth", help="write synthetic videos as official JPEG folders")
+    p = sub.add_parser("synth", help="write synthetic videos as official JPEG folders",
+                       description="Render synthetic frames for annotated videos (patterns of "
+                       "their labels in noise) as the official Charades_v1_rgb/ and "
+                       "Charades_v1_flow/ JPEG folders.")
     p.add_argument("--csv", required=True, help="annotation CSV whose rows drive the content")
     p.add_argument("--out", required=True, help="folder for Charades_v1_rgb/ and _flow/")
     p.add_argument("--ids", help="comma-separated video ids (default: the first --limit)")
-    p.add_argument("--limit", type=int, default=3)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--snr", type=float, default=SyntheticConfig.snr)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=3,
+                   help="write at most this many videos (3)")
+    p.add_argument("--size", type=int, default=32,
+                   help="frame width and height in pixels (32)")
+    p.add_argument("--snr", type=float, default=SyntheticConfig.snr,
+                   help="one-frame signal-to-noise ratio of each label's pattern "
+                        f"({SyntheticConfig.snr:g}); higher is easier to recognise")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the noise (0)")
     p.add_argument("--max-frames", type=int, default=48, help="frames a video (48 = 2 s)")
     _common(p)
     p.set_defaults(func=cmd_synth)

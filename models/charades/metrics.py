@@ -264,5 +264,27 @@ def submission_from_arrays(
         s = s.reshape(-1, s.shape[2])
     if s.ndim != 2 or s.shape[0] != len(ids):
         raise ShapeError(f"scores of shape {tuple(s.shape)} for {len(ids)} rows")
-    fr = None if frames is None else np.asarray(frames, dtype=np.int64)
+    fr = None if frames is None else _frame_numbers(frames, len(ids))
     return Submission(task, ids, s, fr)
+
+
+def _frame_numbers(frames, n: int) -> np.ndarray:
+    """``frames`` as int64 [n]: integers >= 1 (no rounding); FieldlibError otherwise."""
+    raw = np.asarray(frames, dtype=object if isinstance(frames, list | tuple) else None)
+    if raw.dtype.kind in "iu":
+        f = raw.astype(np.float64)
+    else:
+        if raw.dtype.kind == "b" or any(isinstance(x, bool | str | bytes) for x in raw.ravel()):
+            raise FieldlibError("frame numbers must be integers, not booleans or strings")
+        try:
+            f = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise FieldlibError(f"frame numbers must be integers ({exc})") from None
+    if f.shape != (n,):
+        raise ShapeError(f"{f.shape} frame numbers for {n} rows")
+    bad = ~np.isfinite(f) | (f != np.round(f)) | (f < 1) | (f > 2.0**62)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise FieldlibError(f"row {i}: frame {float(f[i]):g} is not a 1-based frame number "
+                            "(an integer >= 1)")
+    return f.astype(np.int64)

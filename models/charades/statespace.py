@@ -21,6 +21,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,10 +57,33 @@ def progress_labels(times, start, end) -> np.ndarray:
     return p.astype(np.int64)
 
 
+#: Most frames one video may have at a chosen fps (a guard against absurd rates).
+MAX_FRAMES_PER_VIDEO = 2**31
+
+
+def check_fps(fps, lengths=()) -> float:
+    """``fps`` as a float; FieldlibError unless it is a finite number > 0 that gives at most
+    :data:`MAX_FRAMES_PER_VIDEO` frames for the longest of ``lengths`` (seconds)."""
+    if isinstance(fps, bool | str | bytes):
+        raise FieldlibError(f"fps must be a number, not {fps!r}")
+    try:
+        value = float(fps)
+    except (TypeError, ValueError):
+        raise FieldlibError(f"fps must be a number, not {fps!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise FieldlibError(f"fps must be a finite number > 0, not {fps!r}")
+    longest = float(np.max(lengths, initial=0.0))
+    if longest * value > MAX_FRAMES_PER_VIDEO:
+        raise FieldlibError(f"fps {value:g} gives {longest * value:.3g} frames for a video of "
+                            f"{longest:g} s, above {MAX_FRAMES_PER_VIDEO:,}")
+    return value
+
+
 def frame_times(length: float, fps: float = TRAIN_FPS) -> np.ndarray:
-    """Times ``k / fps`` (k = 0, 1, ...) with ``t < length`` (at least t = 0), float64 [T]."""
-    if fps <= 0:
-        raise FieldlibError(f"fps must be positive, not {fps}")
+    """Times ``k / fps`` (k = 0, 1, ...) with ``t < length`` (at least t = 0), float64 [T].
+
+    Raises FieldlibError when ``fps`` is not a finite number > 0."""
+    check_fps(fps, [length])
     n = max(1, int(np.ceil(length * fps)))
     t = np.arange(n, dtype=np.float64) / fps
     return t[(t < length) | (np.arange(n) == 0)]
@@ -229,8 +253,7 @@ def frame_class_table(
     videos, in (video, frame, class) order. Returns int64 arrays ``video`` (row in
     ``annotations``), ``frame``, ``cls``, ``progress`` and float64 ``time``, all [n].
     """
-    if fps <= 0:
-        raise FieldlibError(f"fps must be positive, not {fps}")
+    check_fps(fps, annotations.lengths)
     tab = annotations.instance_table()
     lengths = annotations.lengths
     n = np.maximum(1, np.ceil(lengths * fps)).astype(np.int64)

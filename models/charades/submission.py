@@ -41,6 +41,8 @@ from .statespace import N_TEST_FRAMES
 
 TASKS = ("classify", "localize")
 _INT = re.compile(r"[+-]?\d+")
+#: Frame numbers beyond this are out of range whatever n_frames is (and fit int64).
+_FRAME_CAP = 2**62
 
 
 @dataclass
@@ -99,7 +101,7 @@ def _unknown_message(path, n: int, vid: str) -> str:
             "--lenient ignores it as the official scorer)")
 
 
-def _scan_lines(text, path, head, expected, known_ids, lenient, n_classes):
+def _scan_lines(text, path, head, expected, known_ids, lenient, n_classes, n_frames):
     """Careful per-line scan: tabs or single spaces, 158-field rows, error messages."""
     localize = head == 2
     ids: list[str] = []
@@ -134,7 +136,13 @@ def _scan_lines(text, path, head, expected, known_ids, lenient, n_classes):
             if not _INT.fullmatch(parts[1]):
                 raise FormatError(f"{path}: line {n}: field frame: {parts[1]!r} is not an "
                                   "integer")
-            frames.append(int(parts[1]))
+            frame = int(parts[1])
+            if not -_FRAME_CAP <= frame <= _FRAME_CAP:  # beyond int64: outside 1..n anyway
+                if not lenient:
+                    raise FormatError(f"{path}: line {n}: field frame: {parts[1]} outside "
+                                      f"1..{n_frames}")
+                frame = _FRAME_CAP if frame > 0 else -_FRAME_CAP
+            frames.append(frame)
         if known_ids is not None and vid not in known_ids:
             if not lenient:
                 raise FormatError(_unknown_message(path, n, vid))
@@ -165,7 +173,7 @@ def read_submission(
         known_ids = {k: i for i, k in enumerate(known_ids)}
 
     texts, ids, frames, line_nos, extra_field, unknown = _scan_lines(
-        text, path, head, head + n_classes, known_ids, lenient, n_classes)
+        text, path, head, head + n_classes, known_ids, lenient, n_classes, n_frames)
     scores = _parse_scores(texts, line_nos, path, n_classes)
     lines = np.array(line_nos, dtype=np.int64)
     tolerated: list[str] = []
@@ -257,6 +265,14 @@ def _format_row(values: list[float], fmt: str | None) -> str:
     return " ".join(map(repr, values)) if fmt is None else fmt % tuple(values)
 
 
+def _open_for_writing(path: str | Path):
+    """Open ``path`` for writing; FieldlibError naming it when that fails (no folder...)."""
+    try:
+        return Path(path).open("w", encoding="utf-8")
+    except OSError as exc:
+        raise FieldlibError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
 def _check_scores(scores: np.ndarray, n: int, what: str) -> None:
     if scores.ndim < 2 or scores.shape[0] != n:
         raise ShapeError(f"{what}: scores of shape {tuple(scores.shape)} for {n} videos")
@@ -275,7 +291,7 @@ def write_classify_submission(
     scores = np.asarray(scores, dtype=np.float64)
     _check_scores(scores, len(ids), "classification submission")
     fmt = _row_format(scores.shape[1], digits)
-    with Path(path).open("w", encoding="utf-8") as f:
+    with _open_for_writing(path) as f:
         for vid, row in zip(ids, scores.tolist()):
             f.write(f"{vid} {_format_row(row, fmt)}\n")
 
@@ -292,7 +308,7 @@ def write_localize_submission(
         raise ShapeError(f"localization submission: scores must be [videos, frames, classes], "
                          f"got shape {tuple(scores.shape)}")
     fmt = _row_format(scores.shape[2], digits)
-    with Path(path).open("w", encoding="utf-8") as f:
+    with _open_for_writing(path) as f:
         for vid, video in zip(ids, scores.tolist()):
             for k, row in enumerate(video, 1):
                 f.write(f"{vid} {k} {_format_row(row, fmt)}\n")

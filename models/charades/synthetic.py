@@ -34,6 +34,7 @@ datasets to get matching object/verb targets.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -84,7 +85,8 @@ class SyntheticCharades:
     def __init__(self, labels: LabelSpace, scenes: Vocabulary,
                  config: SyntheticConfig | None = None) -> None:
         self.config = cfg = config or SyntheticConfig()
-        if cfg.size < 4 or cfg.pattern_res < 1 or cfg.snr < 0 or cfg.noise_sigma < 0:
+        if cfg.size < 4 or cfg.pattern_res < 1 or not 0 <= cfg.snr < math.inf \
+                or not 0 <= cfg.noise_sigma < math.inf:
             raise FieldlibError(f"bad synthetic config {cfg}")
         self.labels = labels.with_derived_mapping()
         self.scenes = scenes

@@ -1,10 +1,11 @@
+import argparse
 import json
 
 import numpy as np
 import pytest
 from charades_helpers import data_file, write_csv
 
-from fieldlib.cli import main
+from fieldlib.cli import build_parser, main
 from fieldlib.models.charades import write_classify_submission, write_localize_submission
 
 ROWS = [("V1", "Kitchen", "c000 0 5", "10"), ("V2", "Garage", "c000 1 2;c001 0 10", "10"),
@@ -109,3 +110,98 @@ def test_synth_writes_official_layout(tmp_path, capsys):
 def test_help_without_subcommand(capsys):
     assert main(["charades"]) == 0
     assert "info" in capsys.readouterr().out
+
+
+# -- bad input: one line on stderr, exit code 2, never a traceback (issue 8) ------------------
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fieldlib: error: "), captured.err
+    return err[0]
+
+
+@pytest.mark.parametrize("fps", ["nan", "inf", "-inf", "0", "-8", "1e300"])
+def test_info_rejects_bad_fps(tmp_path, capsys, fps):
+    train = write_csv(tmp_path / "train.csv", ROWS)
+    assert main(["charades", "info", "--train", str(train), f"--fps={fps}"]) == 2
+    assert "fps" in _one_line_error(capsys)
+    assert "frames at" not in capsys.readouterr().out  # no nonsense counts printed
+
+
+def test_json_into_a_missing_folder(gt, tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "r.json"
+    assert main(["charades", "info", "--train", str(gt), "--json", str(missing)]) == 2
+    assert f"folder {missing.parent} does not exist" in _one_line_error(capsys)
+    sub = tmp_path / "s.txt"
+    write_classify_submission(sub, ["V1", "V2", "V3", "V4"], _scores(4))
+    assert main(["charades", "eval", "classify", "--gt", str(gt), "--submission", str(sub),
+                 "--json", str(missing)]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    assert main(["charades", "prior", "--train", str(gt), "--gt", str(gt), "--task",
+                 "classify", "--out", str(tmp_path / "no" / "p.txt")]) == 2
+    assert "--out" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+@pytest.mark.parametrize("frame, message", [
+    ("100000000000000000000", "field frame: 100000000000000000000 outside 1..25"),
+    ("-100000000000000000000", "outside 1..25"),
+    ("1e20", "field frame: '1e20' is not an integer"),
+])
+def test_localize_frame_beyond_int64(gt, tmp_path, capsys, lenient, frame, message):
+    sub = tmp_path / "l.txt"
+    sub.write_text(f"V1 {frame} " + " ".join(["0.5"] * 157) + "\nV1 1 "
+                   + " ".join(["0.5"] * 157) + "\n")
+    argv = ["charades", "eval", "localize", "--gt", str(gt), "--submission", str(sub)]
+    if lenient and "e" not in frame:  # lenient ignores it, as the official scorer
+        assert main([*argv, "--lenient"]) == 0
+        assert "1 rows with a frame outside 1..25 ignored (line 1)" in capsys.readouterr().err
+    else:
+        assert main(argv + (["--lenient"] if lenient else [])) == 2
+        assert message in _one_line_error(capsys)
+
+
+def test_csv_naming_a_column_twice(tmp_path, capsys):
+    header = ["id", "subject", "scene", "quality", "relevance", "verified", "script",
+              "objects", "descriptions", "actions", "length", "scene"]
+    row = ["V1", "S1", "Kitchen", "5", "6", "Yes", "s", "o", "d", "c000 0 5", "10", "Garage"]
+    csv = write_csv(tmp_path / "dup.csv", [row], header=header)
+    assert main(["charades", "info", "--train", str(csv)]) == 2
+    assert "line 1: column scene appears twice in the header (fields 3 and 12)" in \
+        _one_line_error(capsys)
+
+
+def test_synth_limit_must_be_positive(tmp_path, capsys):
+    csv = write_csv(tmp_path / "v.csv", ROWS[:2])
+    assert main(["charades", "synth", "--csv", str(csv), "--out", str(tmp_path / "f"),
+                 "--limit", "-1"]) == 2
+    assert "--limit must be at least 1" in _one_line_error(capsys)
+
+
+def _commands(parser, path=()):
+    """Every (command path, parser) under ``parser``, itself included."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_charades_command_and_option_has_help():
+    top = dict(_commands(build_parser()))[("charades",)]
+    seen = set()
+    for path, parser in _commands(top, ("charades",)):
+        seen.add(" ".join(path))
+        assert parser.description, f"{' '.join(path)} has no description"
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{' '.join(path)} {action.option_strings[0]} has no help"
+    assert {"charades prior", "charades synth", "charades eval",
+            "charades eval classify"} <= seen
+
+
+def test_eval_has_a_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["charades", "eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "official Charades metrics" in out and "--lenient" in out

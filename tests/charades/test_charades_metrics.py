@@ -239,3 +239,20 @@ def test_localization_matches_reference_on_official_csv(official_test, tmp_path)
         want = _reference_ap(conf[c], labels[c])
         assert res.ap[c] == want or (math.isnan(want) and math.isnan(res.ap[c])), c
     assert res.n_missing == len(official_test) * 25 - len(rows)
+
+
+@pytest.mark.parametrize("frames, message", [
+    ([1e20], r"frame 1e\+20 is not a 1-based frame number"),
+    ([10**20], r"frame 1e\+20 is not"),
+    ([2.7], "frame 2.7 is not"),
+    ([math.nan], "frame nan is not"),
+    ([0], "frame 0 is not"),
+    ([True], "not booleans or strings"),
+])
+def test_submission_from_arrays_refuses_bad_frames(frames, message):
+    from fieldlib.errors import FieldlibError
+
+    with pytest.raises(FieldlibError, match=message):
+        submission_from_arrays("localize", ["V1"], np.zeros((1, 157)), frames=frames)
+    ok = submission_from_arrays("localize", ["V1"], np.zeros((1, 157)), frames=[3.0])
+    assert ok.frames.tolist() == [3]

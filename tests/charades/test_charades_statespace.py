@@ -129,3 +129,14 @@ def test_state_space_without_mapping_refuses_object_matrix():
     v = Annotations([Video("V", "K", 1.0, (Instance(0, 0, 1),))])
     with pytest.raises(Exception, match="category-only"):
         build_state_space(v, load_labels()).object_matrix()
+
+
+@pytest.mark.parametrize("fps", [float("nan"), float("inf"), 0.0, -8.0, 1e300, "8", True])
+def test_bad_fps_is_refused(tmp_path, fps):
+    from fieldlib.errors import FieldlibError
+
+    ann = read_annotations(write_csv(tmp_path / "a.csv", [("V1", "K", "c000 0 5", "10")]))
+    with pytest.raises(FieldlibError, match="fps"):
+        frame_class_table(ann, fps)
+    with pytest.raises(FieldlibError, match="fps"):
+        frame_times(10.0, fps)

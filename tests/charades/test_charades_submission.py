@@ -102,3 +102,13 @@ def test_lenient_zero_based_frames(tmp_path):
 def test_wrong_count_is_an_error_even_when_lenient(tmp_path):
     with pytest.raises(FormatError, match="line 1: 156 fields"):
         read_submission(_write(tmp_path, [_row("A", range(155))]), "classify", lenient=True)
+
+
+def test_writing_into_a_missing_folder_is_a_fieldlib_error(tmp_path):
+    from fieldlib.errors import FieldlibError
+
+    target = tmp_path / "absent" / "s.txt"
+    with pytest.raises(FieldlibError, match="cannot write"):
+        write_classify_submission(target, ["A"], np.zeros((1, 157)))
+    with pytest.raises(FieldlibError, match="cannot write"):
+        write_localize_submission(target, ["A"], np.zeros((1, 25, 157)))
