@@ -115,14 +115,26 @@ class VariableElimination(Engine):
 
     Args:
         memory_budget: bytes the contraction may use (default: half the memory available on
-            the device at call time). Above it the engine refuses with TooLargeError naming
-            the bytes it would need; it never starts a contraction that cannot fit.
+            the device at call time; ``math.inf``: no limit). Above it the engine refuses with
+            TooLargeError naming the bytes it would need; it never starts a contraction that
+            cannot fit. Fractional bytes are rounded up.
         order: ``"auto"`` (greedy weight / weighted min-fill with randomised restarts, see
             ordering.py) or ``"opt_einsum:NAME"`` to use one of opt_einsum's path optimisers
             (e.g. ``"opt_einsum:greedy"``).
-        search_time: seconds of randomised order restarts (``"auto"`` only).
+        search_effort: how long the ``"auto"`` order search may go on, as a multiple of its
+            default budget (0: only the two deterministic greedy runs; 10: ten times more
+            randomised restarts). The budget is counted in search work, not seconds, so the
+            same graph gets the same order, answer or refusal on a busy machine as on a
+            quiet one.
+        search_time: deprecated; kept for compatibility (a DeprecationWarning): converted to
+            the same amount of search work as that many seconds on the reference machine
+            (``ordering.SECONDS_PER_WORK``), so it no longer depends on machine load.
         seed: seeds the restarts.
         max_dense: refuse factors whose dense tables exceed this many elements.
+
+    Raises:
+        FieldlibError: a memory_budget that is not a positive number, an unknown order, a
+            negative search_effort or search_time.
 
     Orders are cached by graph structure (labels and cardinalities), so repeated calls on
     graphs of the same shape (a training loop) search once.
@@ -130,34 +142,61 @@ class VariableElimination(Engine):
 
     supports = frozenset({"log_z", "marginals", "map"})
 
-    def __init__(self, memory_budget: int | None = None, order: str = "auto",
-                 search_time: float = 0.3, seed: int = 0, max_dense: int | None = None):
-        if memory_budget is not None and not memory_budget > 0:
-            raise FieldlibError(f"memory_budget must be a positive number of bytes, got "
-                                f"{memory_budget!r}")
+    def __init__(self, memory_budget: float | None = None, order: str = "auto",
+                 search_effort: float = 1.0, search_time: float | None = None,
+                 seed: int = 0, max_dense: int | None = None):
+        import warnings
+
+        from .ordering import DEFAULT_MAX_WORK, SECONDS_PER_WORK
+
+        if memory_budget is not None:
+            try:
+                value = float(memory_budget)
+            except OverflowError:  # an int beyond the float range: no practical limit
+                value = math.inf if memory_budget > 0 else -math.inf
+            except (TypeError, ValueError):
+                value = math.nan
+            if not value > 0:
+                raise FieldlibError(f"memory_budget must be a positive number of bytes, got "
+                                    f"{memory_budget!r}")
+            memory_budget = math.ceil(memory_budget) if math.isfinite(value) else math.inf
         if order != "auto" and not (isinstance(order, str) and order.startswith("opt_einsum:")):
             raise FieldlibError(f"unknown order strategy {order!r}; use 'auto' or "
                                 f"'opt_einsum:NAME' (e.g. 'opt_einsum:greedy')")
-        if not float(search_time) >= 0:
-            raise FieldlibError(f"search_time must be >= 0 seconds, got {search_time!r}")
+        if not float(search_effort) >= 0:
+            raise FieldlibError(f"search_effort must be >= 0, got {search_effort!r}")
+        self.max_work = DEFAULT_MAX_WORK
+        if search_time is not None:
+            if not float(search_time) >= 0:
+                raise FieldlibError(f"search_time must be >= 0 seconds, got {search_time!r}")
+            warnings.warn("VariableElimination(search_time=...) is deprecated: use "
+                          "search_effort (the order search is budgeted in work, not seconds)",
+                          DeprecationWarning, stacklevel=2)
+            self.max_work = float(search_time) / SECONDS_PER_WORK
         self.memory_budget = memory_budget
         self.order = order
-        self.search_time = float(search_time)
+        self.search_effort = float(search_effort)
+        self.search_time = search_time
         self.seed = seed
         self.max_dense = max_dense
         self._cache: dict = {}
 
     def plan(self, labels, cards, free_labels):
-        """``(path, PathCost, info)`` for operands with ``labels`` (cached by structure)."""
+        """``(path, PathCost, info)`` for operands with ``labels`` (cached by structure).
+
+        The order (and so the path and its cost) is a function of the structure and the
+        options alone: the search is budgeted in work, never in wall time."""
         key = (tuple(labels), tuple(sorted(cards.items())), self.order)
         if key in self._cache:
             return self._cache[key]
         t0 = time.perf_counter()
         info = {}
         if self.order == "auto":
-            search = elimination_order(labels, cards, free_labels, self.search_time, self.seed)
+            search = elimination_order(labels, cards, free_labels, seed=self.seed,
+                                       max_work=self.max_work, effort=self.search_effort)
             path = order_to_path(labels, search.order, cards)
-            info.update(heuristic=search.heuristic, restarts=search.restarts)
+            info.update(heuristic=search.heuristic, restarts=search.restarts,
+                        search_work=search.work)
         elif self.order.startswith("opt_einsum:"):
             path = _opt_einsum_path(labels, cards, self.order.split(":", 1)[1])
         else:  # pragma: no cover - rejected in __init__
