@@ -2,8 +2,9 @@
 
 Sub-commands live in their own modules; each provides ``add_parser(subparsers)`` which
 registers its parser and sets ``func`` (a callable taking the parsed namespace and
-returning an exit code). Errors that are the user's (a :class:`FieldlibError`) become one
-line on stderr and exit code 2, never a traceback.
+returning an exit code). Errors that are the user's (a :class:`FieldlibError`) and failed
+memory allocations (MemoryError, torch's OutOfMemoryError, an allocator's RuntimeError)
+become one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,29 @@ SUBCOMMAND_MODULES = (
     "fieldlib.cli_gradcheck",
     "fieldlib.models.charades.cli",
 )
+
+
+def allocation_failure(exc: BaseException) -> str | None:
+    """A one-line reason when ``exc`` is a failed memory allocation (MemoryError, torch's
+    OutOfMemoryError, or a RuntimeError from an allocator), else None."""
+    import torch
+
+    if isinstance(exc, MemoryError):
+        return f"MemoryError: {exc}" if str(exc) else "MemoryError"
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    lower = text.lower()
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    markers = ("can't allocate memory", "cannot allocate memory", "out of memory",
+               "not enough memory", "failed to allocate")
+    if not ((oom_type is not None and isinstance(exc, oom_type))
+            or any(m in lower for m in markers)):
+        return None
+    line = next((x.strip() for x in text.splitlines() if x.strip()), type(exc).__name__)
+    if "] ." in line:  # torch's "[enforce fail at alloc_cpu.cpp:NN] . DefaultCPU..." prefix
+        line = line.split("] .", 1)[1].strip()
+    return line[:300]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except FieldlibError as exc:
         print(f"fieldlib: error: {exc}", file=sys.stderr)
         return 2
-    except MemoryError as exc:
-        print(f"fieldlib: error: out of memory: {exc}", file=sys.stderr)
+    except (MemoryError, RuntimeError) as exc:
+        reason = allocation_failure(exc)
+        if reason is None:
+            raise
+        print(f"fieldlib: error: out of memory ({reason}); the problem does not fit this "
+              f"machine", file=sys.stderr)
         return 2
 
 

@@ -123,8 +123,12 @@ def test_refusals_exit_2_with_the_engines_message(capsys, tmp_path):
     write_uai(path, TableModel(cards, scopes, tables))
     line = _fails(capsys, "infer", path, "--task", "PR", "--engine", "bruteforce")
     assert "brute force would enumerate 1,073,741,824 joint states" in line
+    # 1K: the model itself (about 3.7 KB declared) is refused while reading, naming the file
     line = _fails(capsys, "infer", path, "--task", "MAR", "--memory-budget", "1K")
-    assert "memory budget is 1,024 bytes" in line
+    assert f"{path}:3: variable" in line and "memory budget of 1,024 bytes" in line
+    # 1M: the model fits, its contraction does not (the engine's own figure)
+    line = _fails(capsys, "infer", path, "--task", "MAR", "--memory-budget", "1M")
+    assert "memory budget is 1,048,576 bytes" in line
     code, out, _ = run(capsys, "infer", path, "--task", "PR", "--memory-budget", "64M")
     assert code == 0 and float(out.split()[1]) == pytest.approx(
         (n * math.log(2) + (n - 1) * math.log(0.5)) / math.log(10))
@@ -141,7 +145,7 @@ def test_help_explains_every_option(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     for option in ("MODEL", "--evid", "--task", "PR", "MAR", "MAP", "--engine", "exact",
-                   "bruteforce", "-o", "--memory-budget", "--search-time"):
+                   "bruteforce", "-o", "--memory-budget", "--search-effort", "--search-time"):
         assert option in text, option
 
 
@@ -173,3 +177,84 @@ def test_meanfield_engine_from_the_command_line(capsys, model_path):
     assert code == 0 and np.allclose(sums, 1.0)
     line = _fails(capsys, "infer", model_path, "--task", "MAP", "--engine", "meanfield")
     assert "cannot give map" in line
+
+
+def _infer_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["infer", "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_states_every_default_explicitly(capsys):
+    """No "(default: None)": required options say so, optional ones say what happens."""
+    text = _infer_help(capsys)
+    assert "None" not in text
+    assert "required. PR" in text
+    for phrase in ("default: no evidence", "default: exact", "default: print only",
+                   "default: half the memory available", "default: 1",
+                   "default: the engine's (sequential)", "default: the engine's (100)",
+                   "'inf' (or a number too large for a float, like 1e400) means no limit",
+                   "fractions rounded up to whole bytes"):
+        assert phrase in text, phrase
+
+
+@pytest.mark.parametrize("value", ["inf", "Infinity", "1e400", "1e400G"])
+def test_memory_budget_inf_means_no_limit(capsys, model_path, value):
+    code, out, err = run(capsys, "infer", model_path, "--task", "PR", "--memory-budget", value)
+    assert code == 0 and out.startswith("PR\n") and err == ""
+
+
+def test_memory_budget_fractions_round_up(capsys, model_path):
+    """0.5 bytes is 1 byte (not "got 0"): the model does not fit, said with the figure."""
+    line = _fails(capsys, "infer", model_path, "--task", "PR", "--memory-budget", "0.5")
+    assert "memory budget of 1 bytes" in line
+    code, out, _ = run(capsys, "infer", model_path, "--task", "PR", "--memory-budget", "0.5G")
+    assert code == 0 and out.startswith("PR")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "-inf", "lots", "1Q"])
+def test_memory_budget_bad_values_are_usage_errors(capsys, model_path, value):
+    with pytest.raises(SystemExit) as info:
+        main(["infer", str(model_path), "--task", "PR", f"--memory-budget={value}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --memory-budget" in err and "Traceback" not in err
+
+
+def test_budget_is_measured_before_reading_and_given_to_the_engine(capsys, monkeypatch,
+                                                                   model_path):
+    """The default budget is read once, before the model, and the exact engine uses it."""
+    import fieldlib.io.budget as budget
+    from fieldlib.inference import VariableElimination
+
+    calls = []
+    monkeypatch.setattr(budget, "available_memory", lambda: calls.append(1) or 2**31)
+    seen = {}
+    original = VariableElimination.run
+
+    def spy(self, *args, **kwargs):
+        seen["budget"] = self.memory_budget
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VariableElimination, "run", spy)
+    code, out, _ = run(capsys, "infer", model_path, "--task", "PR")
+    assert code == 0 and calls == [1] and seen["budget"] == 2**30
+
+
+def test_search_effort_option_and_deprecated_search_time(capsys, model_path):
+    code, out, err = run(capsys, "infer", model_path, "--task", "PR", "--search-effort", "0")
+    assert code == 0 and err == ""
+    code, again, err = run(capsys, "infer", model_path, "--task", "PR", "--search-time", "0")
+    assert code == 0 and again == out and "deprecated" in err
+    with pytest.raises(SystemExit):
+        main(["infer", str(model_path), "--task", "PR", "--search-effort", "-1"])
+    capsys.readouterr()
+
+
+def test_model_without_factors_prints_float64_marginals(capsys, tmp_path):
+    path = tmp_path / "free.uai"
+    path.write_text("MARKOV\n1\n3\n0\n")
+    code, out, _ = run(capsys, "infer", path, "--task", "MAR")
+    assert code == 0 and out.split("\n")[1] == "1 3 0.3333333333 0.3333333333 0.3333333333"
+    code, out, _ = run(capsys, "infer", path, "--task", "PR")
+    assert out.split()[1] == f"{math.log10(3):.10g}"

@@ -148,3 +148,40 @@ def test_round_trip_on_shared_problems(tmp_path, name):
         pytest.skip(f"UAI reference problem not found at {path} (a clone without ../shared)")
     a, b, c = _round_trip(tmp_path, read_uai(path))
     assert a == pytest.approx(b, rel=1e-10) and b == pytest.approx(c, rel=1e-10)
+
+
+def test_constant_factor_is_a_scalar_and_the_graph_stays_unbatched(tmp_path, capsys):
+    """A factor over no variables is a () table (it used to be (1,): a batched graph, and
+    `fieldlib infer --task MAR` died with a TypeError)."""
+    from fieldlib.cli import main
+
+    text = "2\n\n0\n\n\n1\n0 5\n\n2\n0 3\n2 3\n3\n0 1\n1 3\n5 7\n"
+    m = parse_fg(text)
+    assert m.scopes == [(), (0, 1)] and m.tables[0].shape == ()
+    assert float(m.tables[0]) == 5.0
+    np.testing.assert_array_equal(m.tables[1], [[1, 0, 0], [3, 0, 7]])
+    graph = m.to_graph()
+    assert graph.batch_size is None
+    r = get_engine("exact")(graph)
+    assert np.isclose(float(r.log_z), np.log(5 * 11))
+    path = tmp_path / "c.fg"
+    path.write_text(text)
+    assert main(["infer", str(path), "--task", "MAR"]) == 0
+    out = capsys.readouterr().out.split("\n")
+    fields = out[1].split()
+    assert out[0] == "MAR" and fields[:2] == ["2", "2"] and len(fields) == 2 + 2 + 1 + 3
+    np.testing.assert_allclose([float(x) for x in fields[2:4]], [1 / 11, 10 / 11], rtol=1e-9)
+    # an omitted constant entry is a zero constant
+    assert float(parse_fg("1\n0\n\n\n0\n").tables[0]) == 0.0
+
+
+def test_declared_fg_sizes_are_checked_before_allocating():
+    from fieldlib import TooLargeError
+
+    text = "1\n2\n0 1\n3000 4000\n1\n0 1\n"
+    with pytest.raises(TooLargeError, match=r"x\.fg:4: factor 0's table over variables "
+                       r"\(0, 1\) has 12,000,000 entries"):
+        parse_fg(text, "x.fg", memory_budget=2**20)
+    with pytest.raises(TooLargeError, match=r"x\.fg:4: variable 1 has 4,000 states"):
+        parse_fg(text, "x.fg", memory_budget=100_000)
+    assert parse_fg(text, memory_budget=2**30).tables[0].shape == (3000, 4000)

@@ -224,3 +224,32 @@ def test_constant_factor_with_empty_scope_round_trips():
     for again in (m, parse_uai(format_uai(m.to_graph())), parse_fg(format_fg(m))):
         log_z = float(engine(again.to_graph(), marginals=False).log_z)
         assert math.isclose(log_z, expected, rel_tol=1e-12)
+
+
+def test_model_without_factors_is_solved_in_float64(tmp_path):
+    """A file with variables only used to give a float32 graph (torch's default dtype)."""
+    _, graph, _ = load_model(write(tmp_path, "MARKOV\n2\n2 3\n0\n"))
+    assert graph.dtype == torch.float64
+    r = get_engine("exact")(graph)
+    assert r.log_z.dtype == torch.float64 and r.marginal("v1").dtype == torch.float64
+    assert math.isclose(float(r.log_z), math.log(6), rel_tol=1e-15)
+    torch.testing.assert_close(r.marginal("v1"), torch.full((3,), 1 / 3, dtype=torch.float64))
+    # factors added later decide the dtype as in any graph
+    from fieldlib import Table
+
+    graph.add(Table(graph.variables["v0"], torch.zeros(2, dtype=torch.float32)))
+    assert graph.dtype == torch.float32
+
+
+def test_declared_sizes_are_checked_against_the_memory_budget(tmp_path):
+    """Sizes are checked as they are declared, before tables are allocated or read."""
+    from fieldlib import TooLargeError
+
+    path = write(tmp_path, "MARKOV\n2\n1000 1000\n1\n2 0 1\n1000000\n1 2\n")
+    with pytest.raises(TooLargeError, match=r"model\.uai:5: factor 0's table over variables "
+                       r"\(0, 1\) has 1,000,000 entries.*memory budget of 1,048,576 bytes"):
+        read_uai(path, memory_budget=2**20)
+    with pytest.raises(TooLargeError, match="above the limit of 999,999 entries per table"):
+        read_uai(path, max_table_elements=999_999)
+    with pytest.raises(FormatError, match="2 of 1000000 values present"):  # budget allows it
+        read_uai(path, memory_budget=2**30)

@@ -23,7 +23,10 @@ are the labels in ascending order, named ``v{label}``. This is the opposite layo
 (last variable fastest): :func:`read_fg` converts to C order, :func:`write_fg` back.
 
 Every error is a :class:`~fieldlib.errors.FormatError` naming the file, the line, the factor
-and entry, and what was expected.
+and entry, and what was expected. Declared sizes are checked against a memory budget before
+anything of that size is allocated (:mod:`fieldlib.io.budget`): a short file may declare a
+huge table whose entries are all omitted; past the budget the reader raises
+:class:`~fieldlib.errors.TooLargeError` naming the file, the line, the factor and the bytes.
 """
 
 from __future__ import annotations
@@ -36,14 +39,28 @@ import numpy as np
 from fieldlib.graph import FactorGraph
 
 from ._tokens import Tokens, read_text
+from .budget import ReadBudget
 from .model import TableModel
 
 __all__ = ["read_fg", "parse_fg", "write_fg", "format_fg"]
 
 
-def parse_fg(text: str, where: str = "<string>") -> TableModel:
+def parse_fg(text: str, where: str = "<string>", *, memory_budget=None,
+              max_table_elements: int | None = None) -> TableModel:
     """Parse .fg text into a :class:`TableModel` (tables in C order); ``where`` names it in
-    errors. See the module docstring for the layout."""
+    errors. See the module docstring for the layout.
+
+    Args:
+        memory_budget: bytes the model may occupy (:class:`~fieldlib.io.budget.ReadBudget`;
+            default: half the memory available when the parse starts; ``math.inf``: no
+            limit).
+        max_table_elements: refuse any one table larger than this (default: no limit).
+
+    Raises:
+        FormatError: malformed text. TooLargeError: the declared domains and tables would
+            exceed ``memory_budget`` (raised before they are allocated).
+    """
+    budget = ReadBudget(memory_budget, where, max_table_elements)
     tok = Tokens(text, where, comments=True)
     m = tok.integer("the number of factors", low=0)
     card_of: dict[int, tuple[int, int]] = {}  # label -> (domain size, factor declaring it)
@@ -66,28 +83,32 @@ def parse_fg(text: str, where: str = "<string>") -> TableModel:
                 raise tok.error(
                     f"variable {label} has domain size {d} in factor {j} but {first} in "
                     f"factor {where_first}; expected the same size everywhere", pos)
-            card_of.setdefault(label, (d, j))
+            if label not in card_of:
+                budget.states(d, f"variable {label} has {d:,} states (factor {j})",
+                              tok.line(pos))
+                card_of[label] = (d, j)
             cards.append(d)
         size = math.prod(cards)
+        budget.entries(size, f"factor {j}'s table over variables {tuple(labels)} has "
+                       f"{size:,} entries", tok.line(tok.pos - 1))
         nnz = tok.integer(f"the number of listed entries of factor {j}", low=0, high=size)
-        flat = np.zeros(size, dtype=np.float64)
-        seen = np.zeros(size, dtype=bool)
+        index_of: dict[int, int] = {}  # listed index -> entry number
+        values = []
         for e in range(nnz):
             pos = tok.pos
             index = tok.integer(f"the index of entry {e} of factor {j}", low=0,
                                 high=size - 1)
-            if seen[index]:
+            if index in index_of:
                 raise tok.error(f"factor {j} lists index {index} twice (entry {e})", pos)
-            seen[index] = True
+            index_of[index] = e
             vpos = tok.pos
             value = tok.number(f"the value of entry {e} of factor {j}")
             if not math.isfinite(value) or value < 0:
                 raise tok.error(
                     f"factor {j}, entry {e} (index {index}): the value {tok.tokens[vpos]} is "
                     f"not a finite non-negative potential", vpos)
-            flat[index] = value
-        # first variable fastest = Fortran order over the listed variables
-        raw.append((labels, np.ascontiguousarray(flat.reshape(cards, order="F"))))
+            values.append(value)
+        raw.append((labels, _c_order_table(cards, list(index_of), values)))
     tok.expect_end(f"the {m} factors")
     labels = sorted(card_of)
     position = {label: i for i, label in enumerate(labels)}
@@ -97,9 +118,31 @@ def parse_fg(text: str, where: str = "<string>") -> TableModel:
     return TableModel(cards, scopes, tables, kind="MARKOV", source=where, labels=labels)
 
 
-def read_fg(path) -> TableModel:
-    """Read a libDAI ``.fg`` file into a :class:`TableModel` (FormatError on bad content)."""
-    return parse_fg(read_text(path), str(path))
+def _c_order_table(cards: list[int], indices: list[int], values: list[float]) -> np.ndarray:
+    """The C-order table of shape ``cards`` (``()`` for an empty scope) holding ``values`` at
+    the libDAI (first variable fastest) flat ``indices``, zero elsewhere."""
+    shape = tuple(cards)
+    table = np.zeros(shape, dtype=np.float64)
+    if not shape:  # a constant factor: one entry, index 0
+        table[()] = values[0] if values else 0.0
+    elif indices:
+        at = np.unravel_index(np.asarray(indices, dtype=np.int64), shape, order="F")
+        table[at] = values
+    return table
+
+
+def read_fg(path, *, memory_budget=None,
+             max_table_elements: int | None = None) -> TableModel:
+    """Read a libDAI ``.fg`` file into a :class:`TableModel`.
+
+    ``memory_budget`` and ``max_table_elements`` as in :func:`parse_fg` (the default
+    budget is measured before reading).
+    Raises FormatError on bad content, TooLargeError when the declared model would not fit
+    the budget.
+    """
+    budget = ReadBudget(memory_budget, str(path))
+    return parse_fg(read_text(path), str(path), memory_budget=budget.budget,
+                    max_table_elements=max_table_elements)
 
 
 def format_fg(model: TableModel | FactorGraph) -> str:

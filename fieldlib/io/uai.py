@@ -19,7 +19,11 @@ layout; each factor is the CPT P(child | parents) over ``(parents..., child)``. 
 ``n v1 x1 .. vn xn``; the older form with a leading sample count of 1 is also read.
 
 Every error is a :class:`~fieldlib.errors.FormatError` naming the file, the line, the entry
-when it is a table value, and what was expected.
+when it is a table value, and what was expected. Declared sizes (domain sizes, table sizes)
+are checked against a memory budget as they are read, before anything of that size is
+allocated (:mod:`fieldlib.io.budget`): past it the reader raises
+:class:`~fieldlib.errors.TooLargeError` naming the file, the line, the variable or factor
+and the bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from fieldlib.errors import FormatError
 from fieldlib.graph import FactorGraph
 
 from ._tokens import Tokens, read_text
+from .budget import ReadBudget
 from .model import TableModel
 
 __all__ = [
@@ -41,8 +46,21 @@ __all__ = [
 ]
 
 
-def parse_uai(text: str, where: str = "<string>") -> TableModel:
-    """Parse UAI model text; ``where`` names it in errors. See the module docstring."""
+def parse_uai(text: str, where: str = "<string>", *, memory_budget=None,
+              max_table_elements: int | None = None) -> TableModel:
+    """Parse UAI model text; ``where`` names it in errors. See the module docstring.
+
+    Args:
+        memory_budget: bytes the model may occupy (:class:`~fieldlib.io.budget.ReadBudget`;
+            default: half the memory available when the parse starts; ``math.inf``: no
+            limit).
+        max_table_elements: refuse any one table larger than this (default: no limit).
+
+    Raises:
+        FormatError: malformed text. TooLargeError: the declared domains and tables would
+            exceed ``memory_budget`` (raised before they are allocated).
+    """
+    budget = ReadBudget(memory_budget, where, max_table_elements)
     tok = Tokens(text, where)
     if tok.done:
         raise FormatError(f"{where}: the file is empty; expected MARKOV or BAYES")
@@ -50,7 +68,12 @@ def parse_uai(text: str, where: str = "<string>") -> TableModel:
     if kind not in ("MARKOV", "BAYES"):
         raise tok.error(f"expected MARKOV or BAYES as the first word, got {kind!r}", 0)
     n = tok.integer("the number of variables", low=1)
-    cards = [tok.integer(f"the domain size of variable {i}", low=1) for i in range(n)]
+    cards = []
+    for i in range(n):
+        pos = tok.pos
+        d = tok.integer(f"the domain size of variable {i}", low=1)
+        budget.states(d, f"variable {i} has {d:,} states", tok.line(pos))
+        cards.append(d)
     m = tok.integer("the number of factors", low=0)
     scopes = []
     for j in range(m):
@@ -63,6 +86,9 @@ def parse_uai(text: str, where: str = "<string>") -> TableModel:
             if v in scope:
                 raise tok.error(f"factor {j}'s scope lists variable {v} twice", pos)
             scope.append(v)
+        size = math.prod(cards[v] for v in scope)
+        budget.entries(size, f"factor {j}'s table over variables {tuple(scope)} has {size:,} "
+                       f"entries", tok.line(tok.pos - 1))
         scopes.append(tuple(scope))
     tables = []
     for j, scope in enumerate(scopes):
@@ -81,12 +107,18 @@ def parse_uai(text: str, where: str = "<string>") -> TableModel:
     return TableModel(cards, scopes, tables, kind=kind, source=where)
 
 
-def read_uai(path) -> TableModel:
+def read_uai(path, *, memory_budget=None,
+             max_table_elements: int | None = None) -> TableModel:
     """Read a ``.uai`` file (MARKOV or BAYES) into a :class:`TableModel`.
 
-    Raises FormatError naming the file and line on any malformed content.
+    ``memory_budget`` and ``max_table_elements`` as in :func:`parse_uai` (the default
+    budget is measured before reading).
+    Raises FormatError naming the file and line on any malformed content, TooLargeError
+    when the declared model would not fit the budget.
     """
-    return parse_uai(read_text(path), str(path))
+    budget = ReadBudget(memory_budget, str(path))
+    return parse_uai(read_text(path), str(path), memory_budget=budget.budget,
+                    max_table_elements=max_table_elements)
 
 
 def parse_evidence(text: str, where: str = "<string>",
