@@ -57,3 +57,29 @@ def test_batched_evidence_per_element():
                                           {"x": states[b]})
         torch.testing.assert_close(r.log_z[b], single.log_z[0])
         torch.testing.assert_close(r.marginals["I"][b], single.marginals["I"][0])
+
+
+@pytest.mark.parametrize("engine", ["exact", "bruteforce"])
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(0, 3), min_size=1, max_size=3), seed=st.integers(0, 999))
+def test_empty_sequences_in_a_batch(engine, lengths, seed):
+    """Length 0 (an empty video) is valid: its frames are all padding; the intent alone
+    remains (no factor left on it: uniform, log Z = log k)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, t, s, k = len(lengths), 3, 2, 3
+    unary = torch.randn(n, t, s, generator=gen, dtype=D)
+    psi = torch.randn(n, t, s, k, generator=gen, dtype=D)
+    mu = torch.randn(s, s, generator=gen, dtype=D)
+    eng = get_engine(engine)
+    batch = eng(_field(unary, psi, mu, lengths=torch.tensor(lengths)), map=True)
+    for b, length in enumerate(lengths):
+        if length == 0:
+            torch.testing.assert_close(batch.log_z[b], torch.tensor(k, dtype=D).log())
+            torch.testing.assert_close(batch.marginals["I"][b], torch.full((k,), 1 / k, dtype=D))
+            assert float(batch.marginals["x"][b].abs().sum()) == 0.0
+            assert (batch.map["x"][b] == -1).all()
+            continue
+        single = eng(_field(unary[b:b + 1, :length], psi[b:b + 1, :length], mu), map=True)
+        torch.testing.assert_close(batch.log_z[b], single.log_z[0])
+        torch.testing.assert_close(batch.marginals["x"][b, :length], single.marginals["x"][0])
+        torch.testing.assert_close(batch.map_score[b], single.map_score[0])
