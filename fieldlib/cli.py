@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from fieldlib.errors import FieldlibError
@@ -41,8 +42,8 @@ def allocation_failure(exc: BaseException) -> str | None:
             or any(m in lower for m in markers)):
         return None
     line = next((x.strip() for x in text.splitlines() if x.strip()), type(exc).__name__)
-    if "] ." in line:  # torch's "[enforce fail at alloc_cpu.cpp:NN] . DefaultCPU..." prefix
-        line = line.split("] .", 1)[1].strip()
+    # torch's "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..." prefix
+    line = re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", line)
     return line[:300]
 
 

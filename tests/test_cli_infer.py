@@ -207,7 +207,7 @@ def test_memory_budget_inf_means_no_limit(capsys, model_path, value):
 def test_memory_budget_fractions_round_up(capsys, model_path):
     """0.5 bytes is 1 byte (not "got 0"): the model does not fit, said with the figure."""
     line = _fails(capsys, "infer", model_path, "--task", "PR", "--memory-budget", "0.5")
-    assert "memory budget of 1 bytes" in line
+    assert "memory budget of 1 byte;" in line
     code, out, _ = run(capsys, "infer", model_path, "--task", "PR", "--memory-budget", "0.5G")
     assert code == 0 and out.startswith("PR")
 

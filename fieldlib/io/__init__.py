@@ -2,7 +2,9 @@
 
 Both read into a :class:`TableModel` (variables, scopes, tables of potentials in C order),
 which converts to and from a :class:`~fieldlib.graph.FactorGraph`. Conventions:
-docs/formats.md.
+docs/formats.md. Readers check the sizes a file declares against a memory budget before
+allocating them (:mod:`fieldlib.io.budget`; ``memory_budget=``, default half the memory
+available when the read starts) and raise TooLargeError naming the file, line and figure.
 """
 
 from .fg import format_fg, parse_fg, read_fg, write_fg

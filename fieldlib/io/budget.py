@@ -82,7 +82,7 @@ def describe_bytes(n) -> str:
         return "unlimited"
     n = int(n)
     if n < 2**20:
-        return f"{n:,} bytes"
+        return f"{n:,} byte{'' if n == 1 else 's'}"
     if n < 2**30:
         return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
     if n < 10**18:
