@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     print()
     head = ("| problem | read s | order s | log Z + marginals s | total s | log10 Z | "
             "rel. err log10 Z | max err marginal | largest interm. (MiB) | estimate MiB | "
-            "peak RSS MiB | pgmpy VE s | speed-up |")
+            "peak RSS MiB | estimate / peak | pgmpy VE s | speed-up |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for name in args.problems:
@@ -205,10 +205,12 @@ def main(argv=None) -> int:
             pg_s, speed = f"failed: {pg['error'][:40]}", "-"
         else:
             pg_s, speed = f"{pg['pgmpy_seconds']:.2f}", f"{pg['pgmpy_seconds'] / r['total']:.0f}x"
+        peak = r.get("peak_bytes")
+        ratio = f"{r['estimate'] / peak:.2f}" if peak else "-"
         print(f"| {name} | {r['read']:.3f} | {r['order']:.3f} | {r['contract']:.3f} | "
               f"{r['total']:.3f} | {r['log10_z']:.6f} | {r['err_z']:.1e} | {r['err_m']:.1e} | "
               f"{mib(r['largest'] * 8)} | {mib(r['estimate'])} | "
-              f"{mib(r.get('peak_bytes', float('nan')))} | {pg_s} | {speed} |")
+              f"{mib(r.get('peak_bytes', float('nan')))} | {ratio} | {pg_s} | {speed} |")
     print()
     print(f"all {len(args.problems)} together (read + order + log Z + every marginal, one "
           f"process): {together:.2f} s")

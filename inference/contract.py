@@ -39,9 +39,12 @@ __all__ = ["BATCH", "Step", "PathCost", "order_to_path", "path_cost", "contract_
            "backtrack"]
 
 BATCH = -1
-#: Elements added to every peak estimate: torch's and autograd's own working memory
-#: (32 MiB in float64, measured on the small UAI problems).
-FIXED_OVERHEAD = 2**22
+#: Bytes added to every peak estimate: torch's own working memory on a first call (kernel
+#: libraries, thread pools, autograd's graph), measured at 13-18 MiB on the smallest problems.
+FIXED_OVERHEAD = 16 * 2**20
+#: What the allocator holds beyond the live tensors: freed blocks it keeps (peak RSS / peak of
+#: live tensor bytes measured 1.05-1.25 on DBN_11 and grids, 1.95 on ObjectDetection_11).
+MARGIN = 1.4
 
 
 @dataclass
@@ -64,10 +67,10 @@ class PathCost:
         flops: Σ over steps of the union size (one multiply-add per element).
         retained: elements autograd keeps for the backward pass (exp'd groups and einsum
             outputs of each summing step).
-        peak: simulated peak of live elements for log Z with gradients (marginals): the
+        peak: estimated peak of elements held for log Z with gradients (marginals): the
             inputs, what autograd retains, the live step results and the largest transient
-            of one step, forward or backward.
-        map_peak: peak for a max-semiring pass (unions plus int64 back-pointers).
+            of one step, forward or backward, times :data:`MARGIN`.
+        map_peak: the same for a max-semiring pass (unions plus int64 back-pointers).
     """
 
     steps: list[Step]
@@ -210,50 +213,83 @@ def _partials(inputs, group, cards) -> list[int]:
 def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
     """Account for a path (see :class:`PathCost`); ``cards`` maps label -> size.
 
-    The peak simulates the sum executor (:mod:`.scaled`, its default path): the inputs and
-    their exponentials; per step, the partial products of each group (kept by autograd for
-    the backward pass), the einsum or sum result (live until a later step consumes it);
-    backward allocates gradients as large as the step's largest tensors. Measured peaks on
-    the UAI problems stay below this estimate (docs/benchmarks.md).
+    The peak replays what the sum executor (:mod:`.scaled`, its default path) allocates and
+    what autograd keeps, by the rules torch follows:
+
+    * set-up (:func:`scaled.from_log`): the log-tables, their exponentials (kept by ``exp``
+      for backward) and, while they are made, about three more copies of the inputs;
+    * a step multiplies its group members smallest first; each ``*`` keeps both operands
+      for backward (so every member and every partial product but the last is retained);
+      the last partial is kept too when an ``einsum`` consumes it, not when a ``sum`` does;
+      the step's result lives until a later step consumes it;
+    * backward visits the steps last to first; at step n autograd still holds what steps
+      1..n saved, plus the gradients of step n's output and of its largest partials.
+
+    ``peak`` and ``map_peak`` are in elements and include :data:`MARGIN` (the allocator);
+    callers add :data:`FIXED_OVERHEAD` bytes (torch's own working memory). On the UAI
+    problems and on grids up to 20x20 the estimate lies within 1.5x of the measured peak RSS
+    either way (benchmarks/exact_uai.py, docs/benchmarks.md). The log-space fallback
+    (tables spanning hundreds of nats) is not what this models: it holds up to about twice
+    as much.
     """
     steps = _simulate(labels, path)
     size = cards.__getitem__
+    n_inputs = len(labels)
     inputs_total = sum(_size(lab, cards) for lab in labels)
-    live_results: dict[int, int] = {}       # step index -> result size, until consumed
-    origin = list(range(-len(labels), 0))    # live list of step indices (<0: an input)
+    live_results: dict[int, int] = {}        # step index -> result size, until consumed
+    origin = list(range(-n_inputs, 0))        # live list of step indices (<0: an input)
     largest = largest_union = flops = retained = 0
-    peak = map_peak = back = 0
+    forward = setup = 5 * inputs_total
+    retained_after: list[int] = []
+    backward_need: list[int] = []
+    map_peak = 0
     for n, s in enumerate(steps):
-        for p in s.positions:                # sorted descending: pops keep positions valid
+        sources = []
+        for p in s.positions:                 # sorted descending: pops keep positions valid
             src = origin.pop(p)
+            sources.append(src)
             live_results.pop(src, None)
         u, o = _size(_union(s.inputs), cards), _size(s.out, cards)
         largest, largest_union = max(largest, o), max(largest_union, u)
         flops += u
+        map_peak = max(map_peak, 3 * u + 2 * o)
+        if len(s.inputs) == 1 and set(s.out) == set(s.inputs[0]):
+            origin.append(sources[0])         # the executor passes it through unchanged
+            if sources[0] >= 0:
+                live_results[sources[0]] = o
+            retained_after.append(retained)
+            backward_need.append(0)
+            continue
         reduced, ga, gb = _plan(s.inputs, s.out, size)
-        if ga is None:
-            parts = _partials(s.inputs, range(len(s.inputs)), cards)
-        else:
-            parts = _partials(s.inputs, ga, cards) + (_partials(s.inputs, gb, cards)
-                                                       if gb else [])
-        keep = sum(parts)                    # partial products saved for backward
-        # the two einsum operands (group products, or the largest member alone)
-        sides = [max(parts, default=0)] if ga is None else [
-            max(_partials(s.inputs, g, cards) or [_size(s.inputs[g[0]], cards)])
-            for g in (ga, gb) if g]
-        # forward: einsum's contiguous copies, its output and the normalised copy;
-        # backward: gradients of both operands, their copies, and of the output
-        transient = 2 * sum(sides) + 2 * o
-        back = max(back, 3 * sum(sides) + 3 * o)
-        current = 2 * inputs_total + retained + sum(live_results.values()) + keep + transient
-        peak = max(peak, current)
+        groups = [list(range(len(s.inputs)))] if ga is None else [g for g in (ga, gb) if g]
+        einsum = len(groups) == 2
+        keep = top = 0
+        for g in groups:
+            parts = _partials(s.inputs, g, cards)
+            members = [_size(s.inputs[k], cards) for k in g]
+            top = max(top, max(parts, default=max(members)))
+            kept_parts = parts if (einsum or ga is None) else parts[:-1]
+            keep += sum(kept_parts)
+            if len(g) > 1 or einsum:          # members saved by '*' or by the einsum
+                keep += sum(members[i] for i, k in enumerate(g) if sources[k] >= 0)
+        if ga is None:                        # the last partial is the result itself
+            keep -= o if len(s.inputs) > 1 else 0
+        # forward: the group products (or the einsum's contiguous copies) and the output
+        transient = top + (top + o if einsum else o)
+        current = setup + retained + sum(live_results.values()) + keep + transient
+        forward = max(forward, current)
         retained += keep
         live_results[n] = o
         origin.append(n)
-        map_peak = max(map_peak, 3 * u + 2 * o)
-    peak = max(peak, 2 * inputs_total + retained + back)
-    return PathCost(steps, largest, largest_union, flops, retained,
-                    2 * peak + FIXED_OVERHEAD, inputs_total + map_peak + FIXED_OVERHEAD)
+        retained_after.append(retained)
+        # backward of this step: gradients of its output and of its largest partials (a
+        # product and its operands; an einsum also makes contiguous copies of them)
+        backward_need.append(o + 3 * top)
+    peak = forward
+    for kept, need in zip(retained_after, backward_need):
+        peak = max(peak, 2 * inputs_total + kept + need)
+    return PathCost(steps, largest, largest_union, flops, retained, int(MARGIN * peak),
+                    int(MARGIN * (inputs_total + map_peak)))
 
 
 def _log_add(tensors, inputs, target: tuple[int, ...]) -> torch.Tensor:

@@ -17,7 +17,14 @@ import torch
 from fieldlib.errors import FieldlibError, TooLargeError
 
 from .base import Engine, register_engine
-from .contract import BATCH, backtrack, contract_path, order_to_path, path_cost
+from .contract import (
+    BATCH,
+    FIXED_OVERHEAD,
+    backtrack,
+    contract_path,
+    order_to_path,
+    path_cost,
+)
 from .ordering import elimination_order
 from .prepare import check_finite, finish, prepare
 
@@ -214,9 +221,9 @@ class VariableElimination(Engine):
         free_labels = [graph.index(v) for v in prep.free]
         path, cost, info = self.plan(prep.labels, prep.cards, free_labels)
         itemsize = torch.empty((), dtype=prep.dtype).element_size()
-        need = cost.peak * itemsize
+        need = cost.peak * itemsize + FIXED_OVERHEAD
         if map:
-            need = max(need, cost.map_peak * itemsize)
+            need = max(need, cost.map_peak * itemsize + FIXED_OVERHEAD)
         budget = self.memory_budget
         if budget is None:
             budget = available_memory(prep.device) // 2
@@ -241,7 +248,8 @@ class VariableElimination(Engine):
             # keep the graph when the user's potentials need log Z's gradient later
             retain = torch.is_grad_enabled() and user_grad
             grads = _grads(log_z.sum(), inputs, retain=retain)
-            var_marg = {v: g.detach() for v, g in zip(prep.probes, grads[: len(probes)])}
+            if marginals:
+                var_marg = {v: g.detach() for v, g in zip(prep.probes, grads[: len(probes)])}
             if factor_marginals:
                 fgrads = [g.detach() for g in grads[len(probes):]]
         assignment = score = None

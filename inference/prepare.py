@@ -196,6 +196,9 @@ def finish(prep: Prepared, engine: str, log_z=None, var_marginals=None, factor_g
         factor_marginals = {}
         factor_terms = [t for t in prep.terms if t.factor is not None]
         for term, g in zip(factor_terms, factor_grads):
+            active = graph.term_active(term)  # a term touching padding has no marginal
+            if active is not None:
+                g = g * active.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
             factor_marginals.setdefault(term.factor.name, []).append(squeeze(g))
     mapping = None
     if assignment is not None:
