@@ -6,19 +6,21 @@ labelled by variable ids plus the batch label :data:`BATCH`. This module
 * turns an elimination order into an opt_einsum-format path: one step per eliminated
   variable, contracting every operand that holds it at once (bucket elimination), or takes
   a path from one of opt_einsum's optimisers (pairwise steps);
+* replays a path once into a :class:`Plan` (:func:`plan_path`): each step's inputs, result
+  labels, summed labels and group split. Everything downstream reads that plan;
 * accounts for what the executor really allocates, step by step, so an engine can refuse
   before it starts (:func:`path_cost`);
-* executes the path in the log semiring or in the max semiring with back-pointers for MAP
+* executes the plan in the log semiring or in the max semiring with back-pointers for MAP
   (:func:`contract_path`).
 
-How a sum step runs (:func:`_plan`): with nothing to sum out, the inputs are added in log
-space with broadcasting (one pass, no exp/log). Otherwise the inputs are split in two
-groups: the largest input plus every input whose labels it covers, and the rest. Each group
-is added in log space; then, when a summed label is in both groups, each group is shifted by
-its max over the summed labels, exponentiated, and the two are contracted with one
-``torch.einsum`` (a batched matmul: the clique is never materialised) before ``safe_log``
-and the shifts are added back (pyro.ops.einsum.torch_log's recipe). When no summed label is
-shared, each group is reduced by a log-sum-exp and the two are added.
+How a sum step runs (its split is :func:`_plan`'s): with nothing to sum out, the inputs are
+added with broadcasting. Otherwise the inputs are split in two groups: the largest input
+plus every input whose labels it covers, and the rest. Each group is multiplied out (scaled
+linear space, :mod:`.scaled`) or added (log space); when a summed label is in both groups the
+two are contracted with one ``torch.einsum`` (a batched matmul: the clique is never
+materialised), otherwise each group is reduced on its own. In log space the einsum runs on
+shifted exponentials (pyro.ops.einsum.torch_log's recipe) only where that provably loses
+nothing, and on the exact broadcast log-sum-exp otherwise (:func:`_sum_step`).
 
 Labels are ints: variable ids >= 0 and ``BATCH = -1``, present in every operand and in the
 output.
@@ -35,8 +37,8 @@ import torch.utils.checkpoint
 
 from .scaled import Unsafe, _place, einsum_labels, from_log, safe_log, scaled_step, to_log
 
-__all__ = ["BATCH", "Step", "PathCost", "order_to_path", "path_cost", "contract_path",
-           "backtrack"]
+__all__ = ["BATCH", "Step", "Plan", "PathCost", "plan_path", "plan_order", "order_to_path",
+           "path_cost", "contract_path", "backtrack"]
 
 BATCH = -1
 #: Bytes added to every peak estimate: torch's own working memory on a first call (kernel
@@ -47,13 +49,46 @@ FIXED_OVERHEAD = 16 * 2**20
 MARGIN = 1.4
 
 
-@dataclass
+@dataclass(frozen=True)
 class Step:
-    """One contraction: operands at ``positions`` (of the live list) -> labels ``out``."""
+    """One contraction step of a :class:`Plan`.
+
+    Attributes:
+        positions: operands taken from the live list (descending, so pops stay valid).
+        inputs: their label tuples; ``sources``: where each came from (``-1 - i`` for
+            input operand i, ``n >= 0`` for the result of step n).
+        out: labels of the result (those another live operand or the output still needs).
+        reduced: labels summed out. ``group_a``/``group_b``: how a sum step splits its
+            inputs (see :func:`_plan`); ``group_a`` is None when nothing is summed.
+        passthrough: a single input already laid out on ``out`` (nothing to do).
+    """
 
     positions: tuple[int, ...]
     inputs: tuple[tuple[int, ...], ...]
+    sources: tuple[int, ...]
     out: tuple[int, ...]
+    reduced: tuple[int, ...]
+    group_a: tuple[int, ...] | None
+    group_b: tuple[int, ...]
+    passthrough: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An exact contraction, replayed once: the operands' labels, the label sizes and the
+    steps. The executor (:func:`contract_path`), the cost account (:func:`path_cost`) and
+    MAP's back-tracking all read these same steps, so the memory estimate and what runs
+    cannot disagree. Build one with :func:`plan_path` (from an opt_einsum-format path) or
+    :func:`plan_order` (from an elimination order)."""
+
+    labels: tuple[tuple[int, ...], ...]
+    cards: dict
+    steps: tuple[Step, ...]
+
+    @property
+    def path(self) -> list[tuple[int, ...]]:
+        """The opt_einsum-format path (positions of each step)."""
+        return [s.positions for s in self.steps]
 
 
 @dataclass
@@ -73,7 +108,7 @@ class PathCost:
         map_peak: the same for a max-semiring pass (unions plus int64 back-pointers).
     """
 
-    steps: list[Step]
+    steps: tuple[Step, ...]
     largest_intermediate: int
     largest_union: int
     flops: int
@@ -97,38 +132,57 @@ def _union(inputs) -> list[int]:
     return union
 
 
-def _simulate(labels: Sequence[tuple[int, ...]], path) -> list[Step]:
-    """Replay an opt_einsum path over label tuples; a step keeps the labels that another
-    live operand (or the output, i.e. BATCH) still needs. Linear in the path's size."""
-    live = [tuple(lab) for lab in labels]
+def plan_path(labels: Sequence[tuple[int, ...]], path, cards: dict) -> Plan:
+    """Replay an opt_einsum-format path over label tuples (the one walker every consumer
+    shares): a step keeps the labels that another live operand (or the output, i.e.
+    BATCH) still needs, and records how a sum step splits its inputs. Linear in the path's
+    size. ``cards`` maps label -> size (BATCH included)."""
+    labels = tuple(tuple(lab) for lab in labels)
+    live = list(labels)
+    origin = [-1 - i for i in range(len(labels))]
     count: dict[int, int] = {}
     for lab in live:
         for x in lab:
             count[x] = count.get(x, 0) + 1
     steps = []
-    for positions in path:
+    for n, positions in enumerate(path):
         positions = tuple(sorted(positions, reverse=True))
+        if len(set(positions)) != len(positions) or not positions or \
+                positions[0] >= len(live) or positions[-1] < 0:
+            raise ValueError(f"path step {n} takes positions {positions} of {len(live)} operands")
         inputs = tuple(live[p] for p in positions)
+        sources = tuple(origin[p] for p in positions)
         for p in positions:
             live.pop(p)
+            origin.pop(p)
         for lab in inputs:
             for x in lab:
                 count[x] -= 1
         out = tuple(x for x in _union(inputs) if x == BATCH or count[x] > 0)
         for x in out:
             count[x] += 1
-        steps.append(Step(positions, inputs, out))
+        passthrough = len(inputs) == 1 and set(out) == set(inputs[0])
+        reduced, ga, gb = _plan(inputs, out, cards.__getitem__)
+        steps.append(Step(positions, inputs, sources, out, tuple(reduced),
+                          None if ga is None else tuple(ga), tuple(gb or ()), passthrough))
         live.append(out)
+        origin.append(n)
     if len(live) != 1:
         raise ValueError(f"the path leaves {len(live)} operands, expected one")
-    return steps
+    return Plan(labels, dict(cards), tuple(steps))
 
 
-def order_to_path(labels: Sequence[tuple[int, ...]], order: Sequence[int], cards) -> list:
+def plan_order(labels: Sequence[tuple[int, ...]], order: Sequence[int], cards: dict) -> Plan:
+    """:func:`plan_path` of :func:`order_to_path`: bucket elimination along ``order``."""
+    return plan_path(labels, order_to_path(labels, order), cards)
+
+
+def order_to_path(labels: Sequence[tuple[int, ...]], order: Sequence[int], cards=None) -> list:
     """opt_einsum path from an elimination order: one step per variable of ``order``,
     contracting every live operand that holds it (its bucket); the operands left at the end
-    (holding only the batch label) are combined in a last step. ``cards`` is unused (kept
-    for callers)."""
+    (holding only the batch label) are combined in a last step. It tracks only which
+    operand holds which label; :func:`plan_path` replays the path it returns. ``cards`` is
+    unused (accepted for older callers)."""
     del cards
     live_ids = list(range(len(labels)))          # stable ids of live operands, in position order
     holders: dict[int, set[int]] = {}
@@ -210,8 +264,8 @@ def _partials(inputs, group, cards) -> list[int]:
     return sizes
 
 
-def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
-    """Account for a path (see :class:`PathCost`); ``cards`` maps label -> size.
+def path_cost(plan: Plan) -> PathCost:
+    """Account for executing ``plan`` (see :class:`PathCost`).
 
     The peak replays what the sum executor (:mod:`.scaled`, its default path) allocates and
     what autograd keeps, by the rules torch follows:
@@ -232,36 +286,29 @@ def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
     (tables spanning hundreds of nats) is not what this models: it holds up to about twice
     as much.
     """
-    steps = _simulate(labels, path)
-    size = cards.__getitem__
-    n_inputs = len(labels)
+    cards, labels = plan.cards, plan.labels
     inputs_total = sum(_size(lab, cards) for lab in labels)
     live_results: dict[int, int] = {}        # step index -> result size, until consumed
-    origin = list(range(-n_inputs, 0))        # live list of step indices (<0: an input)
     largest = largest_union = flops = retained = 0
     forward = setup = 5 * inputs_total
     retained_after: list[int] = []
     backward_need: list[int] = []
     map_peak = 0
-    for n, s in enumerate(steps):
-        sources = []
-        for p in s.positions:                 # sorted descending: pops keep positions valid
-            src = origin.pop(p)
-            sources.append(src)
+    for n, s in enumerate(plan.steps):
+        for src in s.sources:
             live_results.pop(src, None)
         u, o = _size(_union(s.inputs), cards), _size(s.out, cards)
         largest, largest_union = max(largest, o), max(largest_union, u)
         flops += u
         map_peak = max(map_peak, 3 * u + 2 * o)
-        if len(s.inputs) == 1 and set(s.out) == set(s.inputs[0]):
-            origin.append(sources[0])         # the executor passes it through unchanged
-            if sources[0] >= 0:
-                live_results[sources[0]] = o
+        if s.passthrough:                     # the executor passes it through unchanged
+            live_results[n] = o if s.sources[0] >= 0 else 0
             retained_after.append(retained)
             backward_need.append(0)
             continue
-        reduced, ga, gb = _plan(s.inputs, s.out, size)
-        groups = [list(range(len(s.inputs)))] if ga is None else [g for g in (ga, gb) if g]
+        ga = s.group_a
+        groups = [list(range(len(s.inputs)))] if ga is None else \
+            [g for g in (ga, s.group_b) if g]
         einsum = len(groups) == 2
         keep = top = 0
         for g in groups:
@@ -271,7 +318,7 @@ def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
             kept_parts = parts if (einsum or ga is None) else parts[:-1]
             keep += sum(kept_parts)
             if len(g) > 1 or einsum:          # members saved by '*' or by the einsum
-                keep += sum(members[i] for i, k in enumerate(g) if sources[k] >= 0)
+                keep += sum(members[i] for i, k in enumerate(g) if s.sources[k] >= 0)
         if ga is None:                        # the last partial is the result itself
             keep -= o if len(s.inputs) > 1 else 0
         # forward: the group products (or the einsum's contiguous copies) and the output
@@ -280,7 +327,6 @@ def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
         forward = max(forward, current)
         retained += keep
         live_results[n] = o
-        origin.append(n)
         retained_after.append(retained)
         # backward of this step: gradients of its output and of its largest partials (a
         # product and its operands; an einsum also makes contiguous copies of them)
@@ -288,7 +334,7 @@ def path_cost(labels: Sequence[tuple[int, ...]], path, cards: dict) -> PathCost:
     peak = forward
     for kept, need in zip(retained_after, backward_need):
         peak = max(peak, 2 * inputs_total + kept + need)
-    return PathCost(steps, largest, largest_union, flops, retained, int(MARGIN * peak),
+    return PathCost(plan.steps, largest, largest_union, flops, retained, int(MARGIN * peak),
                     int(MARGIN * (inputs_total + map_peak)))
 
 
@@ -370,18 +416,19 @@ def _narrow(t: torch.Tensor, lab, label: int, start: int, length: int) -> torch.
     return t.narrow(axis, start, min(length, t.shape[axis] - start))
 
 
-def _sum_step(tensors, inputs, out):
-    """log Σ exp over the labels not in ``out`` (see the module docstring).
+def _sum_step(tensors, inputs, step: Step):
+    """log Σ exp of ``tensors`` (laid out on ``inputs``) onto ``step.out``, split into the
+    groups the step records (see the module docstring).
 
     Exact for any finite or -inf log-tables. The two-group einsum (exp-shift-einsum-log) is
     taken only when it provably loses nothing: every finite term it forms, relative to its
     row maxima, lies within :func:`_safe_span`; otherwise the step is computed by
     :func:`_exact_pair`.
     """
+    out, reduced, ga, gb = step.out, step.reduced, step.group_a, step.group_b
     shape_of = {}
     for t, lab in zip(tensors, inputs):
         shape_of.update(zip(lab, t.shape))
-    reduced, ga, gb = _plan(inputs, out, shape_of.__getitem__)
     if ga is None:
         return _log_add(tensors, inputs, out)
     groups = []
@@ -446,14 +493,13 @@ def _max_step(tensors, inputs, out):
     return values, arg, list(zip(reduced, sizes))
 
 
-def contract_path(operands: Sequence[torch.Tensor], labels: Sequence[tuple[int, ...]], path,
-                  semiring: str = "sum"):
-    """Contract log-tables along ``path``; the output keeps only :data:`BATCH`.
+def contract_path(operands: Sequence[torch.Tensor], plan: Plan, semiring: str = "sum"):
+    """Contract log-tables along ``plan``; the output keeps only :data:`BATCH`.
 
     Args:
-        operands: log-tables, each with one axis per label, the BATCH axis first.
-        labels: label tuple of each operand.
-        path: opt_einsum-format path (steps of any number of operands).
+        operands: log-tables, each with one axis per label of ``plan.labels`` (in that
+            order), the BATCH axis first.
+        plan: from :func:`plan_path` or :func:`plan_order`.
         semiring: ``"sum"`` (log-sum-exp: log Z) or ``"max"`` (max-sum: MAP score).
 
     Returns:
@@ -463,14 +509,13 @@ def contract_path(operands: Sequence[torch.Tensor], labels: Sequence[tuple[int, 
     The sum semiring runs in scaled linear space while its range guard allows
     (:mod:`.scaled`), and in log space from the first step where it does not.
     """
-    steps = _simulate(labels, path)
     if semiring == "sum":
-        result, out = _contract_sum(operands, labels, steps)
+        result, out = _contract_sum(operands, plan)
         pointers = []
     else:
-        live = list(zip(operands, [tuple(lab) for lab in labels]))
+        live = list(zip(operands, plan.labels))
         pointers = []
-        for step in steps:
+        for step in plan.steps:
             group = [live[p] for p in step.positions]
             for p in step.positions:
                 live.pop(p)
@@ -486,26 +531,22 @@ def contract_path(operands: Sequence[torch.Tensor], labels: Sequence[tuple[int, 
     return result, pointers
 
 
-def _contract_sum(operands, labels, steps):
-    """Sum-product along ``steps``: scaled linear space, log space once the guard fails.
-    Returns the final log-table and its labels."""
-    live: list = from_log(list(operands), labels)
+def _contract_sum(operands, plan: Plan):
+    """Sum-product along the plan's steps: scaled linear space, log space once the guard
+    fails. Returns the final log-table and its labels."""
+    live: list = from_log(list(operands), plan.labels)
     scaled = True
-    for step in steps:
+    for step in plan.steps:
         group = [live[p] for p in step.positions]
         for p in step.positions:
             live.pop(p)
         if scaled:
             try:
-                if len(group) == 1 and set(step.out) == set(group[0].labels):
+                if step.passthrough:
                     live.append(group[0])
                     continue
-                inputs = [g.labels for g in group]
-                shape_of = {}
-                for g in group:
-                    shape_of.update(zip(g.labels, g.t.shape))
-                plan = _plan(inputs, step.out, shape_of.__getitem__)
-                live.append(scaled_step(group, step.out, plan))
+                split = (list(step.reduced), step.group_a, list(step.group_b))
+                live.append(scaled_step(group, step.out, split))
                 continue
             except Unsafe:
                 scaled = False
@@ -516,7 +557,7 @@ def _contract_sum(operands, labels, steps):
         if len(tensors) == 1 and step.out == inputs[0]:
             live.append(group[0])
         else:
-            live.append((_sum_step(tensors, inputs, step.out), step.out))
+            live.append((_sum_step(tensors, inputs, step), step.out))
     (final,) = live
     return to_log(final) if scaled else final
 

@@ -22,8 +22,9 @@ from .contract import (
     FIXED_OVERHEAD,
     backtrack,
     contract_path,
-    order_to_path,
     path_cost,
+    plan_order,
+    plan_path,
 )
 from .ordering import elimination_order
 from .prepare import check_finite, finish, prepare
@@ -189,7 +190,7 @@ class VariableElimination(Engine):
         self._cache: dict = {}
 
     def plan(self, labels, cards, free_labels):
-        """``(path, PathCost, info)`` for operands with ``labels`` (cached by structure).
+        """``(Plan, PathCost, info)`` for operands with ``labels`` (cached by structure).
 
         The order (and so the path and its cost) is a function of the structure and the
         options alone: the search is budgeted in work, never in wall time."""
@@ -201,17 +202,18 @@ class VariableElimination(Engine):
         if self.order == "auto":
             search = elimination_order(labels, cards, free_labels, seed=self.seed,
                                        max_work=self.max_work, effort=self.search_effort)
-            path = order_to_path(labels, search.order, cards)
+            plan = plan_order(labels, search.order, cards)
             info.update(heuristic=search.heuristic, restarts=search.restarts,
                         search_work=search.work)
         elif self.order.startswith("opt_einsum:"):
-            path = _opt_einsum_path(labels, cards, self.order.split(":", 1)[1])
+            plan = plan_path(labels, _opt_einsum_path(labels, cards, self.order.split(":", 1)[1]),
+                             cards)
         else:  # pragma: no cover - rejected in __init__
             raise FieldlibError(f"unknown order strategy {self.order!r}")
-        cost = path_cost(labels, path, cards)
+        cost = path_cost(plan)
         info["order_seconds"] = time.perf_counter() - t0
-        self._cache[key] = (path, cost, info)
-        return path, cost, info
+        self._cache[key] = (plan, cost, info)
+        return plan, cost, info
 
     def run(self, graph, evidence, *, marginals, factor_marginals, map):
         t0 = time.perf_counter()
@@ -219,7 +221,7 @@ class VariableElimination(Engine):
         prep = prepare(graph, evidence, probes=marginals, factor_marginals=factor_marginals,
                        **kwargs)
         free_labels = [graph.index(v) for v in prep.free]
-        path, cost, info = self.plan(prep.labels, prep.cards, free_labels)
+        plan, cost, info = self.plan(prep.labels, prep.cards, free_labels)
         itemsize = torch.empty((), dtype=prep.dtype).element_size()
         need = cost.peak * itemsize + FIXED_OVERHEAD
         if map:
@@ -238,7 +240,7 @@ class VariableElimination(Engine):
             )
         grad_needed = marginals or factor_marginals
         with torch.enable_grad() if grad_needed else contextlib.nullcontext():
-            log_z, _ = contract_path(prep.operands, prep.labels, path, "sum")
+            log_z, _ = contract_path(prep.operands, plan, "sum")
         check_finite(prep, log_z)
         user_grad = any(t.table.requires_grad for t in prep.terms)
         var_marg = fgrads = None
@@ -256,7 +258,7 @@ class VariableElimination(Engine):
         if map:
             with torch.no_grad():
                 ops = [t.detach() for t in prep.operands]
-                score, pointers = contract_path(ops, prep.labels, path, "max")
+                score, pointers = contract_path(ops, plan, "max")
                 labels_value = backtrack(pointers, prep.batch)
             assignment = {v: labels_value.get(graph.index(v),
                                               torch.zeros(prep.batch, dtype=torch.long,

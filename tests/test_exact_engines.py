@@ -139,7 +139,7 @@ def test_opt_einsum_path_and_cost_agree_with_opt_einsum():
     """The engine's largest-intermediate figure is opt_einsum's for the same path."""
     import opt_einsum
 
-    from fieldlib.inference.contract import BATCH, path_cost
+    from fieldlib.inference.contract import BATCH, path_cost, plan_path
     from fieldlib.inference.prepare import prepare
 
     spec = ([3, 2, 4, 2, 3], [(0, 1), (1, 2), (2, 3, 4), (0, 4), (3,)], 5, 0.0)
@@ -147,13 +147,14 @@ def test_opt_einsum_path_and_cost_agree_with_opt_einsum():
     prep = prepare(graph, probes=False)
     engine = VariableElimination(order="opt_einsum:greedy")
     free = [graph.index(v) for v in prep.free]
-    path, cost, _ = engine.plan(prep.labels, prep.cards, free)
+    plan, cost, _ = engine.plan(prep.labels, prep.cards, free)
+    path = plan.path
     sym = {x: opt_einsum.get_symbol(i) for i, x in enumerate(sorted(prep.cards))}
     eq = ",".join("".join(sym[x] for x in lab) for lab in prep.labels) + "->" + sym[BATCH]
     shapes = [tuple(prep.cards[x] for x in lab) for lab in prep.labels]
     _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=path)
     assert cost.largest_intermediate == info.largest_intermediate
-    assert path_cost(prep.labels, path, prep.cards).flops == cost.flops
+    assert path_cost(plan_path(prep.labels, path, prep.cards)).flops == cost.flops
     r = engine(graph)
     torch.testing.assert_close(r.log_z, BruteForce()(graph).log_z)
 

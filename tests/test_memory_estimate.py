@@ -71,11 +71,11 @@ def grid(n: int) -> FactorGraph:
 def _check(graph, evidence=None):
     engine = VariableElimination(memory_budget=2**40)
     prep = prepare(graph, evidence)
-    path, cost, _ = engine.plan(prep.labels, prep.cards, [graph.index(v) for v in prep.free])
+    plan, cost, _ = engine.plan(prep.labels, prep.cards, [graph.index(v) for v in prep.free])
     with LiveBytes() as mode:
         prep = prepare(graph, evidence)
         base = mode.live
-        log_z, _ = contract_path(prep.operands, prep.labels, path, "sum")
+        log_z, _ = contract_path(prep.operands, plan, "sum")
         torch.autograd.grad(log_z.sum(), list(prep.probes.values()))
         held = mode.peak - base
     modelled = cost.peak / MARGIN * 8
