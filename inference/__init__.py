@@ -1,18 +1,32 @@
 """Inference engines (``fieldlib.inference``), interchangeable through one interface.
 
-``get_engine(name, **options)`` builds one by name: ``exact`` (variable elimination),
-``bruteforce`` (enumeration oracle).
+``get_engine(name, **options)`` builds one by name or spec string: ``exact`` (variable
+elimination), ``bruteforce`` (enumeration oracle), ``meanfield`` (structured mean-field);
+``get_engine("meanfield[schedule=synchronous,damping=0.5]")`` sets options libDAI-style, and
+``engine_options(name)`` lists what an engine takes.
 """
 
-from .base import Engine, Result, engine_names, get_engine, register_engine
+from .base import (
+    Engine,
+    Option,
+    Result,
+    engine_names,
+    engine_options,
+    get_engine,
+    parse_engine_spec,
+    register_engine,
+)
 from .exact import BruteForce, VariableElimination
 from .meanfield import MeanField
 
 __all__ = [
     "Engine",
     "Result",
+    "Option",
     "get_engine",
     "engine_names",
+    "engine_options",
+    "parse_engine_spec",
     "register_engine",
     "BruteForce",
     "VariableElimination",
