@@ -4,8 +4,8 @@
 
 A chain of 6 frames with 4 states, a latent 3-state "intent" tied to every frame, a
 kernelized frame-frame factor, and one factor of the user's own type (only ``terms()``:
-mean-field falls back to its dense terms). ``fieldlib.check.compare`` runs the exact engine
-and mean-field and prints the table; the ELBO trace of both schedules goes to a PNG.
+mean-field falls back to its dense terms). ``fieldlib.inference.check.compare`` runs the exact
+engine and mean-field and prints the table; the ELBO trace of both schedules goes to a PNG.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import fieldlib.check
+import fieldlib.inference.check
 from fieldlib import Factor, FactorGraph, FrameIntent, KernelTemporal, Table, Term, register_factor
 from fieldlib.inference import get_engine
 
@@ -60,8 +60,9 @@ def build(seed: int = 0):
 
 def main() -> None:
     g, params, labels = build()
-    exact = get_engine("exact", search_time=0.0)  # a tiny graph: no order search needed
-    report = fieldlib.check.compare(g, labels, params=params, l2_intent=4e-4, reference=exact)
+    exact = get_engine("exact", search_effort=0)  # a tiny graph: no order search needed
+    report = fieldlib.inference.check.compare(g, labels, params=params, l2_intent=4e-4,
+                                              reference=exact)
     print(report.table())
 
     import matplotlib

@@ -1,7 +1,7 @@
 """``fieldlib gradcheck``: verify the mean-field gradients against exact inference.
 
 Builds random toy temporal fields (a few frames of block states, a latent intent, a
-Gaussian kernel; fieldlib.check.toy_temporal_field) and prints one table with:
+Gaussian kernel; fieldlib.inference.check.toy_temporal_field) and prints one table with:
 
 1. closed-form mean-field gradients (MATH.md §6, Eq. 7-9) vs autograd of the surrogate, in
    the sequence and the per-frame form: must agree to rounding;
@@ -34,8 +34,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from fieldlib.check import CheckReport, compare, compare_closed_form, toy_temporal_field
     from fieldlib.errors import FieldlibError
+    from fieldlib.inference.check import (
+        CheckReport,
+        compare,
+        compare_closed_form,
+        toy_temporal_field,
+    )
 
     if args.trials < 1:
         raise FieldlibError("--trials must be at least 1")

@@ -17,6 +17,7 @@ from .base import (
     register_engine,
 )
 from .exact import BruteForce, VariableElimination
+from .losses import closed_form_gradients, exact_nll, meanfield_loss
 from .meanfield import MeanField
 
 __all__ = [
@@ -31,4 +32,7 @@ __all__ = [
     "BruteForce",
     "VariableElimination",
     "MeanField",
+    "exact_nll",
+    "meanfield_loss",
+    "closed_form_gradients",
 ]

@@ -1,10 +1,11 @@
-"""fieldlib.check and the ``fieldlib gradcheck`` command."""
+"""fieldlib.inference.check and the ``fieldlib gradcheck`` command."""
 
 from __future__ import annotations
 
 import torch
 
-from fieldlib.check import (
+from fieldlib.cli import main
+from fieldlib.inference.check import (
     CheckReport,
     CheckRow,
     compare,
@@ -13,7 +14,6 @@ from fieldlib.check import (
     marginal_error,
     toy_temporal_field,
 )
-from fieldlib.cli import main
 
 
 def test_gradient_error_and_marginal_error():
@@ -57,15 +57,15 @@ def test_cli_gradcheck_exit_code_and_table(capsys):
 
 
 def test_cli_gradcheck_fails_when_a_closed_form_is_wrong(monkeypatch, capsys):
-    import fieldlib.learning as learning
+    import fieldlib.inference.check as check
 
-    real = learning.closed_form_gradients
+    real = check.closed_form_gradients
 
     def broken(*args, **kwargs):
         out = real(*args, **kwargs)
         out["mu.mu"] = out["mu.mu"] * 0.5  # forget the factor 2 note, say
         return out
 
-    monkeypatch.setattr(learning, "closed_form_gradients", broken)
+    monkeypatch.setattr(check, "closed_form_gradients", broken)
     assert main(["gradcheck", "--trials", "1"]) == 1
     assert "FAIL" in capsys.readouterr().out

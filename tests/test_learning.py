@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fieldlib.check import gradient_error, toy_temporal_field
 from fieldlib.inference import get_engine
-from fieldlib.learning import (
+from fieldlib.inference.check import gradient_error, toy_temporal_field
+from fieldlib.inference.losses import (
     closed_form_gradients,
     exact_nll,
     factor_parameters,
@@ -84,7 +84,7 @@ def test_gradcheck_of_the_surrogate_in_float64():
     names = list(params)
 
     def fn(*tensors):
-        from fieldlib.check import toy_temporal_field as build
+        from fieldlib.inference.check import toy_temporal_field as build
 
         graph, p, _ = build(2)
         for f in graph.factors:  # swap the leaves in place of the random ones

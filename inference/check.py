@@ -1,6 +1,6 @@
 """Compare engines and gradients on a graph, as a table (DESIGN.md "verify gradients").
 
-    report = fieldlib.check.compare(graph, labels={"x": states})
+    report = fieldlib.inference.check.compare(graph, labels={"x": states})
     print(report.table())
 
 Measures: the total-variation error of the approximate marginals (max over variables of
@@ -8,7 +8,7 @@ Measures: the total-variation error of the approximate marginals (max over varia
 max absolute and the cosine error between the reference gradient and the approximate one:
 
 * with labels: autograd of the exact -log Σ_latent P(labels, latent) against autograd of the
-  mean-field surrogate (fieldlib.learning, sequence form);
+  mean-field surrogate (fieldlib.inference.losses, sequence form);
 * without labels: the gradient of log Z (the exact marginals) against that of the ELBO with
   Q held fixed (the mean-field marginals).
 
@@ -25,6 +25,16 @@ import torch
 from fieldlib.factors import Component, FrameIntent, KernelTemporal
 from fieldlib.graph import FactorGraph
 from fieldlib.variables import BlockDomain
+
+from .base import get_engine
+from .losses import (
+    _labels,
+    closed_form_gradients,
+    exact_nll,
+    factor_parameters,
+    intent_penalty,
+    meanfield_loss,
+)
 
 __all__ = [
     "CheckRow",
@@ -121,8 +131,6 @@ def _grads(scalar, params: dict) -> dict:
 
 
 def _default_params(graph) -> dict:
-    from fieldlib.learning import factor_parameters
-
     return {k: t for k, t in factor_parameters(graph).items() if t.requires_grad}
 
 
@@ -141,9 +149,6 @@ def compare(graph, labels=None, *, params: dict | None = None, engine=None, refe
             marginal, bound and gradient rows must then agree within ``tol`` (must-hold).
             Otherwise only ELBO <= log Z (+ tol) must hold.
     """
-    from fieldlib.inference import get_engine
-    from fieldlib.learning import _labels, exact_nll, meanfield_loss
-
     engine = engine or get_engine("meanfield", schedule="sequential", tol=1e-10, max_iter=1000)
     reference = reference or get_engine("exact")
     params = _default_params(graph) if params is None else params
@@ -163,7 +168,7 @@ def compare(graph, labels=None, *, params: dict | None = None, engine=None, refe
     if params:
         if labels is not None:
             ref_scalar = exact_nll(graph, labels, reference).sum()
-            ref_scalar = ref_scalar + _penalty(graph, l2_intent)
+            ref_scalar = ref_scalar + intent_penalty(graph, l2_intent)
             approx_scalar = meanfield_loss(graph, labels, free=approx.marginals,
                                            target=engine(graph, evidence).marginals,
                                            l2_intent=l2_intent).loss
@@ -182,19 +187,11 @@ def compare(graph, labels=None, *, params: dict | None = None, engine=None, refe
     return report
 
 
-def _penalty(graph, l2_intent):
-    from fieldlib.learning import intent_penalty
-
-    return intent_penalty(graph, l2_intent)
-
-
 def compare_closed_form(graph, labels, *, params: dict | None = None, engine=None,
                         l2_intent: float = 0.0, tol: float = 1e-10,
                         forms=("sequence", "frame")) -> CheckReport:
     """Closed-form mean-field gradients (MATH.md §6) against autograd of the surrogate, for
     each form; must agree to rounding (max abs error <= tol · (1 + max |gradient|))."""
-    from fieldlib.learning import closed_form_gradients, meanfield_loss
-
     params = _default_params(graph) if params is None else params
     report = CheckReport()
     base = meanfield_loss(graph, labels, engine=engine, l2_intent=l2_intent)

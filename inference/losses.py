@@ -42,6 +42,9 @@ from fieldlib.errors import FieldlibError
 from fieldlib.factors import Component, FrameIntent, KernelTemporal, SparseTable, Table
 from fieldlib.variables import VariableArray
 
+from .base import get_engine
+from .meanfield_state import MeanFieldState
+
 __all__ = [
     "MeanFieldLoss",
     "exact_nll",
@@ -72,8 +75,6 @@ def _labels(graph, labels) -> dict:
 def exact_nll(graph, labels, engine=None) -> torch.Tensor:
     """``([N])`` -log Σ_latent P(labels, latent) = log Z - log Z(evidence = labels), from an
     exact engine (default ``"exact"``); differentiable in the potentials."""
-    from fieldlib.inference import get_engine
-
     engine = engine or get_engine("exact")
     log_z = engine(graph, marginals=False).log_z
     clamped = engine(graph, _labels(graph, labels), marginals=False).log_z
@@ -120,9 +121,6 @@ def meanfield_loss(graph, labels, *, engine=None, form: str = "sequence",
         free, target: precomputed marginals (Results or name -> tensor dicts) to hold Q and
             Q* fixed, e.g. for torch.autograd.gradcheck.
     """
-    from fieldlib.inference import get_engine
-    from fieldlib.inference.meanfield_state import MeanFieldState
-
     if form not in ("sequence", "frame"):
         raise FieldlibError(f"form must be 'sequence' or 'frame', got {form!r}")
     engine = engine or get_engine("meanfield", schedule="sequential", tol=1e-10, max_iter=1000)
