@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 
 import torch
 
 from fieldlib.errors import FieldlibError, TooLargeError
+from fieldlib.io.budget import available_memory as host_memory
 
 from .base import Engine, register_engine
 from .contract import (
@@ -27,7 +27,7 @@ from .contract import (
     plan_path,
 )
 from .ordering import elimination_order
-from .prepare import check_finite, finish, prepare
+from .prepare import check_finite, compute_dtype, finish, prepare
 
 __all__ = ["BruteForce", "VariableElimination", "available_memory"]
 
@@ -38,14 +38,7 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return host_memory()
 
 
 def _grads(output, inputs, retain: bool):
@@ -71,7 +64,8 @@ class BruteForce(Engine):
         self.max_states = int(max_states)
 
     def run(self, graph, evidence, *, marginals, factor_marginals, map):
-        prep = prepare(graph, evidence, probes=False, factor_marginals=factor_marginals)
+        prep = prepare(graph, evidence, probes=False, factor_marginals=factor_marginals,
+                       max_probe_elements=self.max_states, engine="brute force")
         free = prep.free
         states = math.prod(v.cardinality for v in free)
         if states > self.max_states:
@@ -217,18 +211,20 @@ class VariableElimination(Engine):
 
     def run(self, graph, evidence, *, marginals, factor_marginals, map):
         t0 = time.perf_counter()
+        budget = self.memory_budget
+        if budget is None:  # measured before anything of the problem's size is allocated
+            budget = available_memory(graph.device) // 2
         kwargs = {} if self.max_dense is None else {"max_dense": self.max_dense}
+        itemsize = torch.empty((), dtype=compute_dtype(graph.dtype)).element_size()
         prep = prepare(graph, evidence, probes=marginals, factor_marginals=factor_marginals,
+                       # each state: its probe, the probe's gradient, the marginal, a copy
+                       max_probe_elements=budget / (4 * itemsize), engine="exact inference",
                        **kwargs)
         free_labels = [graph.index(v) for v in prep.free]
         plan, cost, info = self.plan(prep.labels, prep.cards, free_labels)
-        itemsize = torch.empty((), dtype=prep.dtype).element_size()
         need = cost.peak * itemsize + FIXED_OVERHEAD
         if map:
             need = max(need, cost.map_peak * itemsize + FIXED_OVERHEAD)
-        budget = self.memory_budget
-        if budget is None:
-            budget = available_memory(prep.device) // 2
         info.update(largest_intermediate=cost.largest_intermediate, flops=cost.flops,
                     estimated_bytes=need, budget_bytes=budget)
         if need > budget:

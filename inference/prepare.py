@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fieldlib.errors import FieldlibError, ZeroProbabilityError
+from fieldlib.errors import FieldlibError, TooLargeError, ZeroProbabilityError
 from fieldlib.factors.base import DEFAULT_MAX_DENSE_ELEMENTS, Term
 from fieldlib.variables import Variable
 
@@ -63,14 +63,28 @@ def _take(table: torch.Tensor, axis: int, state: torch.Tensor) -> torch.Tensor:
 
 def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool = False,
             max_dense: int | None = DEFAULT_MAX_DENSE_ELEMENTS,
-            dtype: torch.dtype | None = None) -> Prepared:
-    """Labelled operands for ``graph`` under ``evidence`` (see module docstring)."""
+            dtype: torch.dtype | None = None, max_probe_elements: float = math.inf,
+            engine: str = "this engine") -> Prepared:
+    """Labelled operands for ``graph`` under ``evidence`` (see module docstring).
+
+    ``max_probe_elements`` bounds the per-variable tables this function allocates itself
+    (probes, and zero tables for variables no factor covers): above it, TooLargeError is
+    raised before any of them is allocated (a file may declare a variable of 3e9 states)."""
     if not graph.variables:
         raise FieldlibError("the graph has no variables")
     ev = graph.evidence(evidence)
     batch, batched = graph.batch_of(ev)
     dtype = compute_dtype(dtype or graph.dtype)
     device = graph.device
+    free_vars = [v for v in graph.variables.values() if v not in ev]
+    widest = max(free_vars, key=lambda v: v.cardinality, default=None)
+    own = batch * sum(v.cardinality for v in free_vars)
+    if own > max_probe_elements:
+        raise TooLargeError(
+            f"{engine} would allocate {own:,} elements of per-variable tables (variable "
+            f"{widest.name!r} alone has {widest.cardinality:,} states x batch {batch}), above "
+            f"its limit of {int(max_probe_elements):,}"
+        )
     ev = {v: (s.expand(batch) if s.dim() == 0 else s).to(device) for v, s in ev.items()}
 
     terms = graph.terms(max_dense)
@@ -104,6 +118,9 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
                 probe_tables[v] = z
             operands.append(z)
             labels.append((BATCH, graph.index(v)))
+    if not operands:  # every variable observed and no factor: log Z is log 1 = 0
+        operands.append(torch.zeros(batch, dtype=dtype, device=device))
+        labels.append((BATCH,))
     cards = {graph.index(v): v.cardinality for v in free}
     cards[BATCH] = batch
     return Prepared(graph, batch, batched, free, ev, operands, labels, probe_tables, terms,

@@ -158,7 +158,7 @@ def test_oversized_problem_is_refused_with_bytes():
             if j + 1 < n:
                 g.add(Table((v[i][j], v[i][j + 1]), torch.randn(4, 4)))
     with pytest.raises(TooLargeError, match=r"would need about [\d,]+ bytes .*budget is 1,048,576"):
-        VariableElimination(memory_budget=2**20, search_time=0.0)(g)
+        VariableElimination(memory_budget=2**20, search_effort=0)(g)
     with pytest.raises(TooLargeError, match="joint states"):
         BruteForce()(g)
 

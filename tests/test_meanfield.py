@@ -29,7 +29,7 @@ SETTINGS = settings(max_examples=15, deadline=None,
 
 
 def _exact(graph, evidence=None):
-    return get_engine("exact", search_time=0.0)(graph, evidence)
+    return get_engine("exact", search_effort=0)(graph, evidence)
 
 
 def _toy(n=None, t=4, lengths=None, coupling=1.0, seed=0, dtype=F64):

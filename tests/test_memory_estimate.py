@@ -92,3 +92,18 @@ def test_estimate_covers_the_live_peak_on_uai_problems(shared_data, name):
     uai = shared_data / "uai"
     _, graph, evidence = load_model(uai / f"{name}.uai", uai / f"{name}.uai.evid")
     _check(graph, evidence)
+
+
+@pytest.mark.parametrize("engine", ["exact", "bruteforce"])
+def test_a_huge_declared_variable_is_refused_before_its_tables_are_allocated(engine):
+    """3e9 states and no factor: refused by the size check, before any per-variable table
+    (probe, marginal) of that size exists; the live-byte counter proves nothing big was
+    made."""
+    from fieldlib.errors import TooLargeError
+    from fieldlib.inference import get_engine
+
+    g = FactorGraph()
+    g.variable("x", 3_000_000_000)
+    with LiveBytes() as mode, pytest.raises(TooLargeError, match="3,000,000,000"):
+        get_engine(engine, **({"memory_budget": 2**33} if engine == "exact" else {}))(g)
+    assert mode.peak < 2**20
