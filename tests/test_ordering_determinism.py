@@ -135,7 +135,7 @@ def test_engine_options_search_effort_and_deprecated_search_time():
     base = VariableElimination(search_effort=0)(g, marginals=False)
     assert base.info["restarts"] == 2
     with pytest.warns(DeprecationWarning, match="search_effort"):
-        old = VariableElimination(search_effort=0)
+        old = VariableElimination(search_time=0.0)
     assert old(g, marginals=False).info["restarts"] == 2
     with pytest.raises(FieldlibError, match="search_effort must be >= 0"):
         VariableElimination(search_effort=-1)
