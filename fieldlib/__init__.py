@@ -16,20 +16,32 @@ from fieldlib.errors import (
     UnsupportedQueryError,
     ZeroProbabilityError,
 )
-from fieldlib.factors import (
-    Component,
-    Factor,
-    FrameIntent,
-    KernelTemporal,
-    SparseTable,
-    Table,
-    Term,
-    factor_types,
-    register_factor,
-)
-from fieldlib.graph import FactorGraph
-from fieldlib.kernels import GaussianKernel, KernelSum
-from fieldlib.variables import BlockDomain, Domain, Variable, VariableArray
+
+#: Public names and the module each lives in. They load on first use (PEP 562), so that
+#: ``import fieldlib.errors`` or the command line's ``--help`` do not import torch.
+_LAZY = {
+    **dict.fromkeys(["Component", "Factor", "FrameIntent", "KernelTemporal", "SparseTable",
+                     "Table", "Term", "factor_types", "register_factor"], "fieldlib.factors"),
+    "FactorGraph": "fieldlib.graph",
+    **dict.fromkeys(["GaussianKernel", "KernelSum"], "fieldlib.kernels"),
+    **dict.fromkeys(["BlockDomain", "Domain", "Variable", "VariableArray"],
+                    "fieldlib.variables"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fieldlib' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

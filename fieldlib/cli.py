@@ -16,12 +16,23 @@ import sys
 
 from fieldlib.errors import FieldlibError
 
-#: Modules that contribute sub-commands, in the order ``--help`` lists them.
-SUBCOMMAND_MODULES = (
-    "fieldlib.cli_infer",
-    "fieldlib.cli_gradcheck",
-    "fieldlib.models.charades.cli",
+#: Sub-commands in the order ``--help`` lists them: (name, module, one-line help). Only the
+#: module of the command being run is imported, so ``fieldlib --help`` and a mistyped
+#: command answer without importing torch.
+SUBCOMMANDS = (
+    ("infer", "fieldlib.cli_infer",
+     "run inference on a UAI or libDAI .fg model (UAI competition output)"),
+    ("gradcheck", "fieldlib.cli_gradcheck",
+     "verify mean-field gradients against exact inference on random toy fields"),
+    ("charades", "fieldlib.models.charades.cli",
+     "Charades data: summary, official evaluation, baseline, synthetic frames"),
 )
+SUBCOMMAND_MODULES = tuple(module for _, module, _ in SUBCOMMANDS)
+
+
+def command_help(name: str) -> str:
+    """The one-line help of sub-command ``name`` (modules use it in their add_parser)."""
+    return next(text for command, _, text in SUBCOMMANDS if command == name)
 
 
 def allocation_failure(exc: BaseException) -> str | None:
@@ -47,26 +58,36 @@ def allocation_failure(exc: BaseException) -> str | None:
     return line[:300]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names: its first token that is not an option (the top-level
+    parser takes no option with a value), if it is a command."""
+    names = {name for name, _, _ in SUBCOMMANDS}
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in names else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``fieldlib`` parser. Sub-commands other than the one ``argv`` names get a stub
+    (name and help line), so building it imports only that one module; ``argv=None``
+    builds every sub-command in full."""
     parser = argparse.ArgumentParser(
         prog="fieldlib",
         description="Conditional random fields with neural potentials: exact and mean-field "
         "inference, gradient checks, and the Charades asynchronous temporal field.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a sub-command not built yet
-            if exc.name != name:
-                raise
-            continue
-        module.add_parser(sub)
+    chosen = _chosen(argv) if argv is not None else None
+    for name, module, text in SUBCOMMANDS:
+        if argv is None or name == chosen:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

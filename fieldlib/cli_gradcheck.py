@@ -15,7 +15,7 @@ Exit code 0 when every must-hold row holds, 1 otherwise.
 
 from __future__ import annotations
 
-import torch
+from fieldlib.cli import command_help
 
 __all__ = ["add_parser", "run"]
 
@@ -23,7 +23,7 @@ __all__ = ["add_parser", "run"]
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "gradcheck",
-        help="verify mean-field gradients against exact inference on random toy fields",
+        help=command_help("gradcheck"),
         description=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first trial (default 0)")
@@ -34,6 +34,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from fieldlib.errors import FieldlibError
     from fieldlib.inference.check import (
         CheckReport,

@@ -25,39 +25,47 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 
-from fieldlib.cli import allocation_failure
+from fieldlib.cli import allocation_failure, command_help
 from fieldlib.errors import FieldlibError, TooLargeError, UnsupportedQueryError
 
 TASKS = ("PR", "MAR", "MAP")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from fieldlib.inference import engine_names
-
-    names = engine_names()
     p = subparsers.add_parser(
         "infer",
-        help="run inference on a UAI or libDAI .fg model (UAI competition output)",
+        help=command_help("infer"),
         description="Read a model (UAI .uai, MARKOV or BAYES, or libDAI .fg; chosen by the "
         "extension) and optional UAI evidence, run an inference engine, and print the UAI "
         "competition result: PR = log10 of the partition function (of the evidence), MAR = "
         "every variable's marginal, MAP = the most probable assignment. Exit code 2 with "
         "one line on stderr on bad input or when the engine refuses the problem.",
     )
-    p.add_argument("model", metavar="MODEL",
-                   help="model file: NAME.uai (UAI format) or NAME.fg (libDAI format)")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="model file: NAME.uai (UAI format) or NAME.fg (libDAI format); "
+                   "required unless --list-options")
     p.add_argument("--evid", metavar="FILE.evid", default=None,
                    help="UAI evidence file 'n v1 x1 .. vn xn' (variable indices are the "
                    "model's: UAI positions, .fg labels); default: no evidence")
-    p.add_argument("--task", required=True, choices=TASKS, type=str.upper,
-                   help="required. PR: log10 partition function; MAR: marginals; MAP: most "
-                   "probable assignment")
-    p.add_argument("--engine", default="exact", metavar="NAME",
-                   help=f"inference engine, one of: {', '.join(names)} (exact = variable "
-                   f"elimination, bruteforce = enumeration of all joint states); default: "
-                   f"exact")
+    p.add_argument("--task", choices=TASKS, type=str.upper,
+                   help="required unless --list-options. PR: log10 partition function; MAR: "
+                   "marginals; MAP: most probable assignment")
+    p.add_argument("--engine", default="exact", metavar="SPEC",
+                   help="inference engine: a registered name (exact = variable elimination, "
+                   "bruteforce = enumeration of all joint states, meanfield = structured "
+                   "mean-field, or one a plug-in registered) or a spec with options, "
+                   "libDAI-style: 'meanfield[schedule=synchronous,damping=0.5]'; default: "
+                   "exact")
+    p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="set an option of the engine (repeatable), e.g. -O schedule=synchronous "
+                   "-O max_iter=50 or -O search_effort=0; --list-options shows an engine's "
+                   "options; default: the engine's defaults")
+    p.add_argument("--list-options", action="store_true",
+                   help="print the options of the engine given by --engine (name, type, "
+                   "default, meaning) and exit")
     p.add_argument("-o", "--output", metavar="OUT", default=None,
                    help="also write the result to this file (it is always printed); "
                    "default: print only")
@@ -68,25 +76,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "1.5G), fractions rounded up to whole bytes; 'inf' (or a number too large "
                    "for a float, like 1e400) means no limit; default: half the memory "
                    "available when the command starts, measured before the model is read")
-    p.add_argument("--search-effort", metavar="X", type=_effort, default=None,
-                   help="exact engine: elimination-order search effort, a multiple of the "
-                   "default budget of randomised restarts (0: the two deterministic greedy "
-                   "runs only). Counted in search work, not seconds: the same file gets the "
-                   "same order on a busy machine as on a quiet one; default: 1")
-    p.add_argument("--search-time", metavar="S", type=float, default=None,
-                   help="deprecated, use --search-effort: exact engine, order search work "
-                   "equal to S seconds on the reference machine (no longer timed); default: "
-                   "not used")
-    p.add_argument("--schedule", choices=("sequential", "synchronous"), default=None,
-                   help="meanfield engine: update one variable at a time (sequential: the "
-                   "ELBO never decreases) or all frames from the previous iterate "
-                   "(synchronous: the paper's test-time schedule); default: the engine's "
-                   "(sequential)")
-    p.add_argument("--damping", type=float, default=None, metavar="X",
-                   help="meanfield engine: fraction of the previous iterate kept, in [0, 1); "
-                   "default: the engine's (0, no damping)")
-    p.add_argument("--max-iter", type=int, default=None, metavar="K",
-                   help="meanfield engine: at most K sweeps; default: the engine's (100)")
     p.set_defaults(func=run)
     return p
 
@@ -112,47 +101,41 @@ def _size(text: str) -> float:
     return math.inf if math.isinf(value) else math.ceil(value)
 
 
-def _effort(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number >= 0 (1: the default search), got {text!r}")
-    return value
-
-
 def _engine(args, budget=None):
-    """The engine the options ask for; ``budget`` (bytes, measured before reading) goes to
-    an engine that takes a memory budget when ``--memory-budget`` was not given."""
-    import inspect
-    import warnings
+    """The engine ``--engine`` and ``--option`` ask for. ``budget`` (bytes, measured before
+    reading) goes to an engine that declares a ``memory_budget`` option. Nothing here knows
+    any engine: options are checked against what the engine declares."""
+    from fieldlib.inference import engine_options, get_engine, parse_engine_spec
 
-    from fieldlib.inference import get_engine
+    name, spec = parse_engine_spec(args.engine)
+    options = dict(spec)
+    for item in args.option:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise FieldlibError(f"--option {item!r}: expected KEY=VALUE, e.g. -O max_iter=50")
+        if key in options:
+            raise FieldlibError(f"engine option {key!r} given twice")
+        options[key] = value
+    declared = {o.name: o for o in engine_options(name)}
+    if "memory_budget" in declared and "memory_budget" not in options:
+        if args.memory_budget is not None or budget is not None:
+            options["memory_budget"] = str(args.memory_budget if args.memory_budget is not None
+                                           else budget)
+    text = ",".join(f"{k}={v}" for k, v in options.items())
+    return get_engine(f"{name}[{text}]" if text else name)
 
-    options = {}
-    if args.memory_budget is not None:
-        options["memory_budget"] = args.memory_budget
-    if args.search_effort is not None:
-        options["search_effort"] = args.search_effort
-    if args.search_time is not None:
-        print("fieldlib: note: --search-time is deprecated; the order search is budgeted in "
-              "work (use --search-effort)", file=sys.stderr)
-        options["search_time"] = args.search_time
-    if args.schedule is not None:
-        options["schedule"] = args.schedule
-    if args.damping is not None:
-        options["damping"] = args.damping
-    if args.max_iter is not None:
-        options["max_iter"] = args.max_iter
-    with warnings.catch_warnings():  # --search-time's deprecation is said above, once
-        warnings.simplefilter("ignore", DeprecationWarning)
-        engine = get_engine(args.engine, **options)
-        takes_budget = "memory_budget" in inspect.signature(type(engine)).parameters
-        if budget is not None and "memory_budget" not in options and takes_budget:
-            engine = get_engine(args.engine, memory_budget=budget, **options)
-    return engine
+
+def list_options(spec: str) -> str:
+    """The options an engine declares, one per line (for ``--list-options``)."""
+    from fieldlib.inference import engine_options, parse_engine_spec
+
+    name, _ = parse_engine_spec(spec)
+    lines = [f"options of engine {name!r} (set with -O KEY=VALUE or {name}[KEY=VALUE,...]):"]
+    for o in engine_options(name):
+        lines.append(f"  {o.name} ({o.kind}, default {o.default!r})")
+        lines.append(f"      {o.help}")
+    return "\n".join(lines) + "\n"
 
 
 def _dense_limit(engine) -> int | None:
@@ -210,7 +193,7 @@ def solve(model_path, task: str, evid=None, engine=None, memory_budget=None) -> 
     engine = _RefuseOutOfMemory(engine)
     names = model.names
     if task == "PR":
-        result = engine(graph, evidence, marginals=False)
+        result = _call(engine, graph, evidence, marginals=False)
         log_z = result.log_z
         if log_z is None and result.elbo is not None:
             print(f"fieldlib: note: engine {engine.name!r} gives a lower bound: PR is the "
@@ -221,7 +204,7 @@ def solve(model_path, task: str, evid=None, engine=None, memory_budget=None) -> 
                 f"engine {engine.name!r} gives no log partition function; use --engine exact")
         return f"PR\n{_format(float(log_z) / math.log(10))}\n"
     if task == "MAR":
-        result = engine(graph, evidence, marginals=True)
+        result = _call(engine, graph, evidence, marginals=True)
         fields = [str(len(names))]
         for name, d in zip(names, model.cards):
             p = result.marginal(name).detach().double().cpu().tolist()
@@ -229,13 +212,40 @@ def solve(model_path, task: str, evid=None, engine=None, memory_budget=None) -> 
             fields.extend(_format(x) for x in p)
         return "MAR\n" + " ".join(fields) + "\n"
     if task == "MAP":
-        result = engine(graph, evidence, marginals=False, map=True)
+        result = _call(engine, graph, evidence, marginals=False, map=True)
         states = [str(int(result.map[name])) for name in names]
         return "MAP\n" + " ".join([str(len(names)), *states]) + "\n"
     raise FieldlibError(f"unknown task {task!r}; choose PR, MAR or MAP")
 
 
+def _call(engine, graph, evidence, **query):
+    """Run ``engine``. A mean-field warning becomes one ``fieldlib: warning:`` line; a
+    mean-field result with no configuration of positive probability (ELBO -inf) raises."""
+    from fieldlib.inference.meanfield import InfeasibleWarning, MeanFieldWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MeanFieldWarning)
+        result = engine(graph, evidence, **query)
+    for w in caught:
+        if not issubclass(w.category, MeanFieldWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif not issubclass(w.category, InfeasibleWarning):
+            print(f"fieldlib: warning: {w.message}", file=sys.stderr)
+    if result.info.get("feasible") is False:
+        raise FieldlibError(
+            f"engine {engine.name!r} found no configuration of positive probability (its "
+            f"search for one ran out; the ELBO is -inf); the exact engine decides whether "
+            f"one exists")
+    return result
+
+
 def run(args) -> int:
+    if args.list_options:
+        sys.stdout.write(list_options(args.engine))
+        return 0
+    if args.model is None or args.task is None:  # an argument error: answered before torch
+        raise FieldlibError("infer needs a MODEL file and --task PR|MAR|MAP (see fieldlib "
+                            "infer --help)")
     from fieldlib.io.budget import default_budget
 
     # measured before anything is read, so the model's own memory is not counted against it

@@ -145,7 +145,8 @@ def test_help_explains_every_option(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     for option in ("MODEL", "--evid", "--task", "PR", "MAR", "MAP", "--engine", "exact",
-                   "bruteforce", "-o", "--memory-budget", "--search-effort", "--search-time"):
+                   "bruteforce", "meanfield", "-o", "--memory-budget", "--option",
+                   "--list-options"):
         assert option in text, option
 
 
@@ -163,11 +164,11 @@ def test_meanfield_engine_from_the_command_line(capsys, model_path):
     """PR prints the ELBO (said on stderr), below exact log10 Z; MAR rows sum to one."""
     code, exact_out, _ = run(capsys, "infer", model_path, "--task", "PR")
     code, out, err = run(capsys, "infer", model_path, "--task", "PR", "--engine", "meanfield",
-                         "--schedule", "sequential", "--damping", "0.2")
+                         "-O", "schedule=sequential", "-O", "damping=0.2")
     assert code == 0 and "lower bound" in err
     assert float(out.split()[1]) <= float(exact_out.split()[1]) + 1e-9
-    code, out, _ = run(capsys, "infer", model_path, "--task", "MAR", "--engine", "meanfield",
-                       "--schedule", "synchronous", "--max-iter", "50")
+    code, out, _ = run(capsys, "infer", model_path, "--task", "MAR", "--engine",
+                       "meanfield[schedule=synchronous,max_iter=50]")
     fields = out.split("\n")[1].split()
     n, k, sums = int(fields[0]), 1, []
     for _ in range(n):
@@ -189,10 +190,9 @@ def test_help_states_every_default_explicitly(capsys):
     """No "(default: None)": required options say so, optional ones say what happens."""
     text = _infer_help(capsys)
     assert "None" not in text
-    assert "required. PR" in text
+    assert "required unless --list-options. PR" in text
     for phrase in ("default: no evidence", "default: exact", "default: print only",
-                   "default: half the memory available", "default: 1",
-                   "default: the engine's (sequential)", "default: the engine's (100)",
+                   "default: half the memory available", "default: the engine's defaults",
                    "'inf' (or a number too large for a float, like 1e400) means no limit",
                    "fractions rounded up to whole bytes"):
         assert phrase in text, phrase
@@ -241,14 +241,27 @@ def test_budget_is_measured_before_reading_and_given_to_the_engine(capsys, monke
     assert code == 0 and calls == [1] and seen["budget"] == 2**30
 
 
-def test_search_effort_option_and_deprecated_search_time(capsys, model_path):
-    code, out, err = run(capsys, "infer", model_path, "--task", "PR", "--search-effort", "0")
+def test_engine_options_come_from_the_engine_not_the_cli(capsys, model_path):
+    code, out, err = run(capsys, "infer", model_path, "--task", "PR", "-O", "search_effort=0")
     assert code == 0 and err == ""
-    code, again, err = run(capsys, "infer", model_path, "--task", "PR", "--search-time", "0")
-    assert code == 0 and again == out and "deprecated" in err
-    with pytest.raises(SystemExit):
-        main(["infer", str(model_path), "--task", "PR", "--search-effort", "-1"])
-    capsys.readouterr()
+    code, again, err = run(capsys, "infer", model_path, "--task", "PR", "--engine",
+                           "exact[search_effort=0]")
+    assert code == 0 and again == out
+    # a wrong option: exit 2, one line naming the engine's options
+    code, out, err = run(capsys, "infer", model_path, "--task", "PR", "-O", "schedule=x")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "engine 'exact' has no option 'schedule'" in err and "search_effort" in err
+    code, out, err = run(capsys, "infer", model_path, "--task", "PR", "-O", "search_effort=-1")
+    assert code == 2 and "search_effort must be >= 0" in err
+    code, out, err = run(capsys, "infer", model_path, "--task", "PR", "-O", "max_iter")
+    assert code == 2 and "expected KEY=VALUE" in err
+
+
+def test_list_options_prints_what_an_engine_declares(capsys):
+    code, out, err = run(capsys, "infer", "--engine", "meanfield", "--list-options")
+    assert code == 0
+    for name in ("schedule", "damping", "max_iter", "tol"):
+        assert f"  {name} (" in out
 
 
 def test_model_without_factors_prints_float64_marginals(capsys, tmp_path):

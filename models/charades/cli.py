@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fieldlib.cli import command_help
 from fieldlib.errors import FieldlibError
 
 from .annotations import REVERSED_POLICIES, Annotations, read_annotations
@@ -229,9 +230,9 @@ def _help(parser: argparse.ArgumentParser):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fieldlib charades`` and its sub-commands on ``subparsers``."""
-    top = subparsers.add_parser("charades", help="Charades data, official metrics, synthetic "
-                                "frames", description="Charades: data summary, official "
-                                "evaluation, a prior baseline and synthetic frames.")
+    top = subparsers.add_parser("charades", help=command_help("charades"),
+                                description="Charades: data summary, official evaluation, a "
+                                "prior baseline and synthetic frames.")
     top.set_defaults(func=_help(top))
     sub = top.add_subparsers(dest="charades_command", metavar="COMMAND")
 
