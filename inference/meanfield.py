@@ -23,11 +23,21 @@ Q ← (1 - α) Q* + α Q_old; ``"log"`` space Q ∝ Q*^(1-α) Q_old^α. α = 0 i
 
 The ELBO E_Q[score] + H(Q) <= log Z is reported in place of log Z; with evidence, it bounds
 log Σ_free exp score. Marginals are Q; MAP is not supported.
+
+Hard zeros (docs/meanfield.md, "-inf potentials"): when the initial Q gives an impossible
+configuration mass, the batch element restarts from a point mass at a configuration of
+positive probability (a search with arc consistency, meanfield_stack.Constraints); sequential
+updates from a feasible Q stay feasible, and a synchronous step that is not is replaced by a
+sequential sweep. A search that proves no configuration possible raises
+ZeroProbabilityError; one that runs out of nodes leaves ``info["feasible"]`` False and warns
+(InfeasibleWarning). Q is computed in the graph's (promoted) dtype.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 
 import torch
 
@@ -35,12 +45,29 @@ from fieldlib.errors import FieldlibError, UnsupportedQueryError, ZeroProbabilit
 from fieldlib.factors.base import OnComponent, soft_impossible
 
 from .base import Engine, Result, register_engine
-from .meanfield_stack import stack_tables
+from .meanfield_stack import Constraints, stack_tables
 from .meanfield_state import Layout, MeanFieldState
 
-__all__ = ["MeanField"]
+__all__ = ["InfeasibleWarning", "MeanField", "MeanFieldWarning", "NotConvergedWarning"]
 
 SCHEDULES = ("synchronous", "sequential")
+
+#: Default budget of the search for a feasible starting point, in search nodes per element.
+DEFAULT_SEARCH_NODES = 2000
+
+
+class MeanFieldWarning(RuntimeWarning):
+    """Base class of the mean-field engine's warnings (each also leaves a flag in info)."""
+
+
+class InfeasibleWarning(MeanFieldWarning):
+    """No configuration of positive probability was found: the ELBO is -inf
+    (``info["feasible"]`` is False)."""
+
+
+class NotConvergedWarning(MeanFieldWarning):
+    """The synchronous schedule stopped at ``max_iter`` before reaching ``tol``
+    (``info["converged"]`` is False)."""
 
 
 @register_engine("meanfield")
@@ -60,18 +87,28 @@ class MeanField(Engine):
             per iteration); the final ELBO is always computed.
         kernel_method: KernelTemporal's kernel sums: ``"auto"``, ``"dense"``, ``"fft"`` or
             ``"banded"`` (fieldlib.kernels.temporal_sums).
+        search_nodes: budget of the search for a configuration of positive probability,
+            run when the initial Q puts mass on an impossible one (None: the module's
+            ``DEFAULT_SEARCH_NODES``).
 
     Raises:
         FieldlibError: a bad option. At call time: UnsupportedQueryError (MAP, factor
-        marginals), ZeroProbabilityError (a variable with every state impossible, or
-        evidence on an impossible state).
+        marginals), ZeroProbabilityError (the model or the evidence has probability zero:
+        a variable with every state impossible, a factor -inf everywhere, or a search that
+        proves no configuration is possible).
+
+    Warns:
+        InfeasibleWarning: no configuration of positive probability found within
+        ``search_nodes`` (the ELBO is -inf; ``info["feasible"]`` False).
+        NotConvergedWarning: the synchronous schedule did not reach ``tol``.
     """
 
     supports = frozenset({"elbo", "marginals"})
 
     def __init__(self, schedule: str = "sequential", damping: float = 0.0,
                  damping_space: str = "prob", tol: float = 1e-6, max_iter: int = 100,
-                 init: str = "unary", track_elbo: bool = True, kernel_method: str = "auto"):
+                 init: str = "unary", track_elbo: bool = True, kernel_method: str = "auto",
+                 search_nodes: int | None = None):
         if schedule not in SCHEDULES:
             raise FieldlibError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
         if not 0.0 <= float(damping) < 1.0:
@@ -82,9 +119,12 @@ class MeanField(Engine):
             raise FieldlibError(f"init must be 'unary' or 'uniform', got {init!r}")
         if int(max_iter) < 1 or float(tol) < 0:
             raise FieldlibError("max_iter must be >= 1 and tol >= 0")
+        if search_nodes is not None and int(search_nodes) < 0:
+            raise FieldlibError(f"search_nodes must be >= 0, got {search_nodes!r}")
         self.schedule, self.damping, self.damping_space = schedule, float(damping), damping_space
         self.tol, self.max_iter, self.init = float(tol), int(max_iter), init
         self.track_elbo, self.kernel_method = bool(track_elbo), kernel_method
+        self.search_nodes = DEFAULT_SEARCH_NODES if search_nodes is None else int(search_nodes)
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, graph, evidence, *, marginals, factor_marginals, map):
@@ -100,38 +140,53 @@ class MeanField(Engine):
         state = MeanFieldState(layout, n, dtype, device, self.kernel_method)
         free, clamp = self._masks(graph, layout, ev, n, device)
         self._all_free = [bool(f.all()) for f in free]
-        units = _units(graph, layout)
+        factors = [_in_dtype(f, dtype) for f in graph.factors]
+        units = _units(factors, layout)
         constant, coupled = _split_factors(units)
-        phases = self._phases(layout, coupled)
+        phases = self._phases(layout, coupled, self.schedule)
+        zero = ZeroProbabilityError("the evidence has probability zero" if ev else
+                                     "the model gives every configuration probability zero")
 
         with torch.no_grad():
             state.set_wants(None)
             unary = self._collect(constant, state, layout)
-            self._initialise(state, layout, unary, free, clamp)
+            offset = self._constant_energy(constant, state, zero, batched)
+            self._initialise(state, layout, unary, free, clamp, zero)
+            hard, feasible, restarted = self._feasible_start(
+                factors, layout, state, coupled, unary, free, clamp, zero, batched)
+            sequential = (phases if self.schedule == "sequential" else
+                          self._phases(layout, coupled, "sequential") if hard else None)
             trace = []
-            converged = False
+            converged, replaced = False, 0
+            guard = hard and self.schedule == "synchronous"
             for it in range(self.max_iter):
-                change = torch.zeros(n, dtype=dtype, device=device)
-                for groups, factors in phases:
-                    state.set_wants(groups)
-                    msgs = self._collect(factors, state, layout, groups)
-                    soft: list = []
-
-                    def soft_messages(groups=groups, factors=factors, soft=soft):
-                        if not soft:  # messages with -inf replaced by a huge penalty
-                            with soft_impossible():
-                                soft.append(self._collect(factors, state, layout, groups))
-                        return soft[0]
-
-                    for g, mask in groups.items():
-                        m = msgs.get(g)
-                        m = unary[g] if m is None else m + unary[g]
-                        change = torch.maximum(
-                            change, self._update(state, g, m, mask, free, unary, soft_messages))
-                state.set_wants(None)
+                damping = self.damping
+                if it == 0 and bool(restarted.any()) and damping > 0:
+                    # from a point mass, log-space damping would never move Q: undamped
+                    damping = torch.where(restarted, 0.0, damping).to(dtype)[:, None, None]
+                before = list(state.q) if guard else None  # set_group never writes into q
+                change = self._sweep(state, layout, phases, unary, free, damping)
+                elbo = None
+                if self.track_elbo or guard:
+                    elbo = self._elbo_fast(state, coupled, unary) + offset
+                if guard:
+                    # a Jacobi step can put mass on an impossible configuration; where it
+                    # does, a sequential sweep (which cannot) replaces it
+                    broke = torch.isneginf(elbo) & feasible
+                    if bool(broke.any()):
+                        replaced += int(broke.sum())
+                        after = list(state.q)
+                        for g, q in enumerate(before):
+                            state.set_group(g, q)
+                        change = torch.where(broke, self._sweep(
+                            state, layout, sequential, unary, free, damping), change)
+                        for g, q in enumerate(after):
+                            state.set_group(g, torch.where(broke[:, None, None], state.q[g], q))
+                        elbo = self._elbo_fast(state, coupled, unary) + offset
+                    feasible = ~torch.isneginf(elbo)
                 entry = {"iteration": it + 1, "max_change": _squeeze(change, batched)}
                 if self.track_elbo:
-                    entry["elbo"] = _squeeze(self._elbo_fast(state, coupled, unary), batched)
+                    entry["elbo"] = _squeeze(elbo, batched)
                 trace.append(entry)
                 if self.tol > 0 and float(change.max()) < self.tol:
                     converged = True
@@ -140,11 +195,31 @@ class MeanField(Engine):
         result = Result(engine=self.name, elbo=_squeeze(elbo, batched), trace=trace)
         if marginals:
             result.marginals = _marginals(graph, layout, state, batched)
+        feasible = ~torch.isneginf(elbo.detach())
         result.info = {"iterations": len(trace), "converged": converged,
+                       "feasible": bool(feasible.all()), "restarted": bool(restarted.any()),
+                       "replaced_steps": replaced,
                        "schedule": self.schedule, "damping": self.damping,
                        "damping_space": self.damping_space, "phases": len(phases),
                        "seconds": time.perf_counter() - t0}
+        self._warn(result, feasible, converged, batched)
         return result
+
+    def _warn(self, result, feasible, converged, batched):
+        if not bool(feasible.all()):
+            where = "" if not batched else (
+                f" (batch elements {feasible.logical_not().nonzero().flatten().tolist()})")
+            warnings.warn(
+                f"mean-field found no configuration of positive probability{where} (its "
+                f"search, of at most {self.search_nodes} nodes, found none): Q puts mass on "
+                f"impossible configurations and the ELBO is -inf (info['feasible'] is "
+                f"False)", InfeasibleWarning, stacklevel=4)
+        if not converged and self.schedule == "synchronous" and self.tol > 0:
+            warnings.warn(
+                f"synchronous mean-field did not converge in {self.max_iter} sweeps "
+                f"(info['converged'] is False); the synchronous schedule can oscillate: use "
+                f"schedule='sequential' (its ELBO never decreases) or damping",
+                NotConvergedWarning, stacklevel=4)
 
     # -- pieces --------------------------------------------------------------------------------
     @staticmethod
@@ -167,7 +242,8 @@ class MeanField(Engine):
             free[g][:, pos] = False
         return free, clamp
 
-    def _phases(self, layout, coupled):
+    @staticmethod
+    def _phases(layout, coupled, schedule):
         """``[(groups {g: position mask or None}, factors)]`` making one sweep."""
         touch = []  # per factor: set of (g, pos)
         for f in coupled:
@@ -175,7 +251,7 @@ class MeanField(Engine):
             for clique in f.couplings():
                 atoms.update(layout.where[v] for v in clique)
             touch.append(atoms)
-        if self.schedule == "synchronous":
+        if schedule == "synchronous":
             arrays = {g.index: None for g in layout.groups if g.array is not None}
             pools = {g.index: None for g in layout.groups if g.array is None}
             phases = []
@@ -231,7 +307,7 @@ class MeanField(Engine):
             acc[g] = acc[g] + gathered if g in acc else gathered
         return acc
 
-    def _initialise(self, state, layout, unary, free, clamp):
+    def _initialise(self, state, layout, unary, free, clamp, zero):
         for g in layout.groups:
             i = g.index
             if i not in unary:
@@ -241,23 +317,133 @@ class MeanField(Engine):
             dead = torch.isneginf(m).all(-1) & free[i]
             if bool(dead.any()):
                 n, pos = (int(x) for x in dead.nonzero()[0])
-                raise ZeroProbabilityError(
-                    f"every state of {g.variables[pos].name} is impossible (its own factors "
-                    f"are all -inf){'' if state.batch == 1 else f' in batch element {n}'}")
+                raise type(zero)(
+                    f"{zero}: every state of {g.variables[pos].name} is impossible (its own "
+                    f"factors are all -inf){'' if state.batch == 1 else f' in batch element {n}'}")
             logq = torch.log_softmax(m, -1)
             if i in clamp:
                 mask, states = clamp[i]
                 onehot = torch.nn.functional.one_hot(states, g.card).to(logq.dtype)
                 bad = mask & (onehot * torch.isneginf(m)).sum(-1).bool()
                 if bool(bad.any()):
-                    raise ZeroProbabilityError("the evidence has probability zero (an observed "
-                                               "state is impossible)")
+                    raise type(zero)(f"{zero} (an observed state is impossible)")
                 logq = torch.where(mask[..., None], torch.log(onehot), logq)
             active = free[i] | (clamp[i][0] if i in clamp else False)
             logq = torch.where(active[..., None], logq, logq.new_full((), float("-inf")))
             state.set_group(i, logq.exp(), logq)
 
-    def _update(self, state, g, msg, mask, free, unary, soft_messages) -> torch.Tensor:
+    def _sweep(self, state, layout, phases, unary, free, damping) -> torch.Tensor:
+        """One iteration over ``phases``; returns the max change per batch element."""
+        change = torch.zeros(state.batch, dtype=state.dtype, device=state.device)
+        for groups, factors in phases:
+            state.set_wants(groups)
+            msgs = self._collect(factors, state, layout, groups)
+            soft: list = []
+
+            def soft_messages(groups=groups, factors=factors, soft=soft):
+                if not soft:  # messages with -inf replaced by a huge penalty
+                    with soft_impossible():
+                        soft.append(self._collect(factors, state, layout, groups))
+                return soft[0]
+
+            for g, mask in groups.items():
+                m = msgs.get(g)
+                m = unary[g] if m is None else m + unary[g]
+                change = torch.maximum(change, self._update(
+                    state, g, m, mask, free, unary, soft_messages, damping))
+        state.set_wants(None)
+        return change
+
+    @staticmethod
+    def _constant_energy(constant, state, zero, batched) -> torch.Tensor:
+        """``(N,)`` the factors over no variable (constants added to log Z); raises ``zero``
+        when one is -inf."""
+        total = torch.zeros(state.batch, dtype=state.dtype, device=state.device)
+        for f in constant:
+            if not hasattr(f, "group_messages") and not f.variables():
+                total = total + f.expected_energy(state)
+        if bool(torch.isneginf(total).any()):
+            bad = int(torch.isneginf(total).nonzero()[0, 0])
+            raise type(zero)(f"{zero} (a constant factor is -inf"
+                             f"{f' in batch element {bad}' if batched else ''})")
+        return total
+
+    def _feasible_start(self, factors, layout, state, coupled, unary, free, clamp, zero,
+                        batched):
+        """Make the initial Q put no mass on impossible configurations, where one exists.
+
+        When the coupled factors have -inf entries on states Q may take (``hard``) and the
+        initial Q gives them mass, the batch element restarts from a point mass at a
+        configuration of positive probability, found by a depth-first search with arc
+        consistency over the -inf entries (meanfield_stack.Constraints). Sequential updates
+        from there never reach an impossible configuration (the ELBO never decreases).
+
+        Returns ``(hard, feasible (N,), restarted (N,))``. Raises ``zero`` (ZeroProbabilityError)
+        when the search proves that no configuration has positive probability."""
+        n = state.batch
+        feasible = torch.ones(n, dtype=torch.bool, device=state.device)
+        restarted = torch.zeros_like(feasible)
+        if not coupled:
+            return False, feasible, restarted
+        active = [free[g.index] | (clamp[g.index][0] if g.index in clamp else False)
+                  for g in layout.groups]
+        probe = MeanFieldState(layout, n, state.dtype, state.device, self.kernel_method)
+        for g, q in enumerate(state.q):  # uniform over every state Q may take
+            allowed = (~torch.isneginf(unary[g]) & free[g][..., None]).to(q.dtype)
+            if g in clamp:
+                mask, states = clamp[g]
+                onehot = torch.nn.functional.one_hot(states, q.shape[-1]).to(q.dtype)
+                allowed = torch.where(mask[..., None], onehot, allowed)
+            probe.set_group(g, allowed / allowed.sum(-1, keepdim=True).clamp_min(1))
+        if not bool(torch.isneginf(_energy(coupled, probe)).any()):
+            return False, feasible, restarted
+        need = torch.isneginf(_energy(coupled, state))
+        if not bool(need.any()):
+            return True, feasible, restarted
+        cons = Constraints(factors, layout, n, state.device)
+        domains = cons.propagate([q > 0 for q in probe.q], active)
+        wiped = cons.wiped(domains, active) | cons.dead
+        if bool(wiped.any()):
+            raise _zero(zero, wiped, batched)
+        qs = [q.clone() for q in state.q]
+        look = MeanFieldState(layout, n, state.dtype, state.device, self.kernel_method)
+        for e in need.nonzero().flatten().tolist():
+            point, proven = cons.element(e).search(
+                [d[e:e + 1] for d in domains], [a[e:e + 1] for a in active],
+                self._greedy_score(layout, coupled, unary, look, e), self.search_nodes)
+            if proven:
+                raise _zero(zero, torch.arange(n) == e, batched)
+            if point is not None:
+                restarted[e] = True
+                for g, q in enumerate(qs):
+                    onehot = torch.nn.functional.one_hot(point[g][0], q.shape[-1]).to(q.dtype)
+                    q[e] = onehot * active[g][e][..., None]
+        for g, q in enumerate(qs):
+            state.set_group(g, q)
+        feasible = ~torch.isneginf(_energy(coupled, state))
+        return True, feasible, restarted
+
+    def _greedy_score(self, layout, coupled, unary, look, e):
+        """The search's value order for batch element ``e``: a state's log-potential given
+        the variables already fixed (one state left), i.e. the mean-field message under a Q
+        that is a point mass on them and zero elsewhere (factors over an unfixed variable
+        contribute nothing)."""
+
+        def score(domains, g, p):
+            for h, d in enumerate(domains):
+                q = look.q[h].clone()
+                q[e] = (d[0] & (d[0].sum(-1, keepdim=True) == 1)).to(q.dtype)
+                look.set_group(h, q)
+            mask = torch.zeros(layout.groups[g].size, dtype=torch.bool)
+            mask[p] = True
+            look.set_wants({g: mask})
+            m = self._collect(coupled, look, layout, {g: mask}).get(g)
+            look.set_wants(None)
+            return unary[g][e, p] if m is None else unary[g][e, p] + m[e, p]
+
+        return score
+
+    def _update(self, state, g, msg, mask, free, unary, soft_messages, a) -> torch.Tensor:
         """Replace Q of group ``g`` at the free positions of ``mask`` (None: all) with the
         normalised ``msg``, damped; returns the max change per batch element.
 
@@ -274,12 +460,12 @@ class MeanField(Engine):
                 q = torch.where(dead, torch.softmax(soft + unary[g], -1), q)
             dead = torch.isnan(q[..., :1])
             any_dead = bool(dead.any())
-        a = self.damping
-        if a > 0:
+        if isinstance(a, torch.Tensor) or a > 0:  # a: a float, or (N, 1, 1) per element
             if self.damping_space == "prob":
-                q = (1 - a) * q + a * old
+                damped = (1 - a) * q + a * old
             else:
-                q = torch.softmax((1 - a) * torch.log(q) + a * state.logq[g], -1)
+                damped = torch.softmax((1 - a) * torch.log(q) + a * state.logq[g], -1)
+            q = torch.where(a > 0, damped, q) if isinstance(a, torch.Tensor) else damped
         if mask is not None or not self._all_free[g] or any_dead:
             upd = free[g] if mask is None else free[g] & mask.to(free[g].device)[None, :]
             q = torch.where(dead | ~upd[..., None], old, q)
@@ -307,10 +493,38 @@ class MeanField(Engine):
         return total
 
 
-def _units(graph, layout):
-    """The graph's factors, with small tables over stand-alone variables stacked."""
-    stacks, rest = stack_tables(graph.factors, layout)
+def _energy(factors, state) -> torch.Tensor:
+    """``(N,)`` Σ_f E_Q[log φ_f] (-inf where Q gives an impossible configuration mass)."""
+    total = torch.zeros(state.batch, dtype=state.dtype, device=state.device)
+    for f in factors:
+        total = total + f.expected_energy(state)
+    return total
+
+
+def _zero(zero, which, batched):
+    """The ZeroProbabilityError ``zero`` naming the first batch element in ``which``."""
+    if not batched:
+        return zero
+    return type(zero)(f"{zero} (batch element {int(which.nonzero()[0, 0])})")
+
+
+def _units(factors, layout):
+    """The factors, with small tables over stand-alone variables stacked."""
+    stacks, rest = stack_tables(factors, layout)
     return stacks + rest
+
+
+def _in_dtype(factor, dtype):
+    """``factor`` computing in ``dtype`` (the graph's promoted dtype, as the exact engines
+    cast their terms): itself, or a shallow copy with its floating tensors cast (autograd
+    still reaches the originals)."""
+    if all(t.dtype == dtype for t in factor.tensors() if t.is_floating_point()):
+        return factor
+    out = copy.copy(factor)
+    for name, value in vars(factor).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            setattr(out, name, value.to(dtype))
+    return out
 
 
 def _split_factors(units):
