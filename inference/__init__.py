@@ -18,7 +18,7 @@ from .base import (
 )
 from .exact import BruteForce, VariableElimination
 from .losses import closed_form_gradients, exact_nll, meanfield_loss
-from .meanfield import MeanField
+from .meanfield import InfeasibleWarning, MeanField, MeanFieldWarning, NotConvergedWarning
 
 __all__ = [
     "Engine",
@@ -32,6 +32,9 @@ __all__ = [
     "BruteForce",
     "VariableElimination",
     "MeanField",
+    "MeanFieldWarning",
+    "InfeasibleWarning",
+    "NotConvergedWarning",
     "exact_nll",
     "meanfield_loss",
     "closed_form_gradients",
