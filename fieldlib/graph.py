@@ -38,9 +38,17 @@ class FactorGraph:
         arrays: ``dict name -> VariableArray``.
         factors: list of factors in insertion order.
         batch_size: N when any factor (or array ``lengths``) is batched, else None.
+
+    Args:
+        dtype: the floating dtype of a graph without floating factor tensors (default:
+            torch's default dtype); otherwise the graph's dtype is its factors' promoted one.
     """
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype | None = None):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise FieldlibError(f"FactorGraph(dtype=...) takes a floating torch dtype, got "
+                                f"{dtype!r}")
+        self._dtype = dtype
         self.variables: dict[str, Variable] = {}
         self.arrays: dict[str, VariableArray] = {}
         self.factors: list[Factor] = []
@@ -169,7 +177,7 @@ class FactorGraph:
             for t in f.tensors():
                 if t.is_floating_point():
                     dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-        return dtype or torch.get_default_dtype()
+        return dtype or getattr(self, "_dtype", None) or torch.get_default_dtype()
 
     def active(self, v: Variable) -> torch.Tensor | None:
         """``BoolTensor (N,)``: whether ``v`` is a real (not padded) variable per batch

@@ -187,3 +187,17 @@ def test_evidence_batch_sizes_must_agree(engine):
     g.add(Table((a, b), torch.zeros(2, 2)))
     with pytest.raises(FieldlibError, match=r"disagree on the batch size: \[2, 3\]"):
         get_engine(engine)(g, {"a": torch.tensor([0, 1]), "b": torch.tensor([0, 1, 1])})
+
+
+def test_graph_dtype_argument_applies_without_factors():
+    import torch
+
+    from fieldlib import FactorGraph, FieldlibError
+    from fieldlib.inference import get_engine
+
+    g = FactorGraph(torch.float64)
+    g.variable("x", 3)
+    r = get_engine("exact")(g)
+    assert r.marginals["x"].dtype == torch.float64 and r.log_z.dtype == torch.float64
+    with pytest.raises(FieldlibError, match="floating torch dtype"):
+        FactorGraph(torch.int64)

@@ -24,23 +24,6 @@ from fieldlib.graph import FactorGraph
 __all__ = ["TableModel"]
 
 
-class _ModelGraph(FactorGraph):
-    """A FactorGraph that keeps the dtype it was built in when it has no factors.
-
-    A FactorGraph takes its dtype from its factors' tensors and falls back to torch's default
-    (float32) without any; a model file with variables only would then be solved in float32
-    while every other file is float64.
-    """
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self._model_dtype = dtype
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return super().dtype if self.factors else self._model_dtype
-
-
 @dataclass
 class TableModel:
     """Variables and factor tables of potentials (not logs).
@@ -90,7 +73,7 @@ class TableModel:
         """A FactorGraph: variables ``names`` in file order, one Table per factor
         (``f0, f1, ...``), log-potentials of ``dtype`` with zeros as ``-inf``. A model with
         no factors still computes in ``dtype``."""
-        graph = _ModelGraph(dtype)
+        graph = FactorGraph(dtype)
         variables = [graph.variable(name, card) for name, card in zip(self.names, self.cards)]
         with np.errstate(divide="ignore"):
             for k, (scope, table) in enumerate(zip(self.scopes, self.tables)):
