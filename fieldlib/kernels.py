@@ -81,6 +81,10 @@ class KernelSum:
             weights = torch.ones(len(self.kernels))
         try:
             w = torch.as_tensor(weights)
+            if w.is_floating_point() and not isinstance(weights, torch.Tensor):
+                # Python floats in float64, not torch's default float32: 1e308 stays
+                # finite, 0.1 stays 0.1 (a tensor keeps its own dtype)
+                w = torch.as_tensor(weights, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise FieldlibError(f"KernelSum: weights must be real numbers ({exc})") from None
         if w.is_complex() or w.dtype == torch.bool:

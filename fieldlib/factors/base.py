@@ -271,7 +271,7 @@ class Factor:
         return f"factor {self.name!r} ({self.kind})" if self.name else f"{self.kind} factor"
 
     def _set_batch(self, tensor: torch.Tensor, core_shape: Sequence[int], what: str) -> bool:
-        """Check ``tensor`` has shape ``core_shape`` or ``(N,) + core_shape``.
+        """Check ``tensor`` has shape ``core_shape`` or ``(N,) + core_shape``, N >= 1.
 
         Returns whether it is batched; records N and checks it agrees across tensors.
         """
@@ -281,6 +281,9 @@ class Factor:
             return False
         if len(shape) == len(core) + 1 and shape[1:] == core:
             n = shape[0]
+            if n == 0:
+                raise ShapeError(f"{self.label}: {what} has a batch axis of size 0, shape "
+                                 f"{shape}; a batch holds at least one element")
             if self.batch_size is not None and self.batch_size != n:
                 raise ShapeError(
                     f"{self.label}: {what} has batch size {n}, another tensor has "

@@ -49,7 +49,8 @@ class KernelTemporal(Factor):
         ShapeError: wrong shapes; times that are not finite real numbers or decrease.
         InvalidPotentialError / FieldlibError: µ with NaN or ±inf; a bad σ or kernel
             weights (see :mod:`fieldlib.kernels`); a callable kernel that is not finite at
-            the sequence's time differences.
+            the sequence's time differences; µ times the kernel beyond the range of µ's
+            dtype (it would make +inf log-potentials).
     """
 
     def __init__(self, frames: VariableArray, mu, times=None, kernel=150.0,
@@ -90,22 +91,35 @@ class KernelTemporal(Factor):
         return t
 
     def _check_kernel(self) -> None:
-        """A kernel of our own is finite by construction; a user's callable is evaluated at
-        the time differences of consecutive frames, 0 and the whole span."""
-        if isinstance(self.kernel, GaussianKernel | KernelSum):
-            return
-        t = self.times
-        probe = torch.cat([t.new_zeros(1), torch.diff(t, dim=-1).flatten(),
-                           (t[..., -1] - t[..., 0]).flatten()])
-        with torch.no_grad():
-            k = torch.as_tensor(self.kernel(probe))
-        bad = ~torch.isfinite(k)
-        if bool(bad.any()):
-            i = int(bad.flatten().nonzero()[0, 0])
+        """µ·k must be finite in µ's dtype (a +inf log-potential has no meaning, and inf
+        times a padded 0 is NaN). A Gaussian is at most 1 and a sum of Gaussians at most
+        Σ|w_m|; any other kernel is evaluated at the time differences of consecutive
+        frames, 0 and the whole span, which must be finite."""
+        kernels = self.kernel.kernels if isinstance(self.kernel, KernelSum) else [self.kernel]
+        if all(isinstance(k, GaussianKernel) for k in kernels):
+            top = float(self.kernel.weights.detach().abs().double().sum()) \
+                if isinstance(self.kernel, KernelSum) else 1.0
+        else:
+            t = self.times
+            probe = torch.cat([t.new_zeros(1), torch.diff(t, dim=-1).flatten(),
+                               (t[..., -1] - t[..., 0]).flatten()])
+            with torch.no_grad():
+                k = torch.as_tensor(self.kernel(probe))
+            bad = ~torch.isfinite(k)
+            if bool(bad.any()):
+                i = int(bad.flatten().nonzero()[0, 0])
+                raise FieldlibError(
+                    f"{self.label}: the kernel is {float(k.flatten()[i])} at time difference "
+                    f"{float(probe[i])}; kernel values must be finite"
+                )
+            top = float(k.detach().abs().max()) if k.numel() else 0.0
+        largest = torch.finfo(self.mu.dtype).max
+        mu_top = float(self.mu.detach().abs().max())
+        if not (top <= largest and mu_top * top <= largest):
             raise FieldlibError(
-                f"{self.label}: the kernel is {float(k.flatten()[i])} at time difference "
-                f"{float(probe[i])}; kernel values must be finite"
-            )
+                f"{self.label}: µ times the kernel reaches {mu_top:.3g} x {top:.3g}, beyond "
+                f"the range of {str(self.mu.dtype).removeprefix('torch.')} ({largest:.3g}); "
+                f"rescale µ or the kernel weights, or use a wider dtype")
 
     def tensors(self):
         return [self.mu, self.times]

@@ -135,6 +135,12 @@ class Annotations(Sequence):
         return out
 
 
+def _shown(text: str) -> str:
+    """``text`` for an error message: as is, or repr'd when it holds a line break or another
+    control character (a quoted CSV field may), so the message stays one line."""
+    return text if text.isprintable() else repr(text)
+
+
 def _time(text: str, where: str) -> float:
     try:
         value = float(text)
@@ -219,7 +225,7 @@ def read_annotations(
         for name in COLUMNS:
             if name not in col:
                 raise FormatError(f"{path}: line 1: field {name}: column missing from the "
-                                  f"header (found {', '.join(header)})")
+                                  f"header (found {', '.join(map(_shown, header))})")
         start_line = reader.line_num + 1
         while True:
             try:
@@ -245,7 +251,7 @@ def read_annotations(
                 raise FormatError(f"{path}: line {line}: field id: duplicate video {vid!r} "
                                   f"(first on line {seen[vid]})")
             seen[vid] = line
-            where = f"{path}: line {line} (video {vid}): field"
+            where = f"{path}: line {line} (video {_shown(vid)}): field"
             try:
                 length = float(get["length"])
             except ValueError:
