@@ -25,7 +25,10 @@ the log-likelihood of a labelled sequence is l = log Σ_I P(x*, I) (Eq. 7-9).
     the µ gradient is TWICE the sequence form's (MATH.md §6, factor-2 note).
 
 * :func:`closed_form_gradients` writes Eq. 7-9 out explicitly (no autograd), the oracle
-  the surrogate is checked against; :func:`per_frame_mu_gradient` gives Eq. 9's rows.
+  the surrogate is checked against: each factor gives its own
+  (:meth:`~fieldlib.factors.Factor.closed_form_gradient`, in the factor type's file), for
+  the parameters it declares (:func:`factor_parameters`); :func:`per_frame_mu_gradient`
+  gives Eq. 9's rows.
 
 The L2 pull of φXI toward zero is ``l2_intent / 2 · Σ φXI²`` (gradient ``l2_intent · φXI``),
 added to the loss (not to ``per_sequence``). All gradients are of the LOSS, i.e. of -l.
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from fieldlib.errors import FieldlibError
-from fieldlib.factors import Component, FrameIntent, KernelTemporal, SparseTable, Table
+from fieldlib.factors import FixedBeliefs, FrameIntent, KernelTemporal
 from fieldlib.variables import VariableArray
 
 from .base import get_engine
@@ -81,13 +84,18 @@ def exact_nll(graph, labels, engine=None) -> torch.Tensor:
     return log_z - clamped
 
 
+def _pulled(f) -> list[str]:
+    """The parameters of factor ``f`` under the L2 pull toward zero: φXI's table."""
+    return ["table"] if isinstance(f, FrameIntent) else []
+
+
 def intent_penalty(graph, l2_intent: float) -> torch.Tensor:
     """``l2_intent / 2 · Σ φXI²`` over every FrameIntent factor (MATH.md §6)."""
     total = torch.zeros((), dtype=graph.dtype, device=graph.device)
     if l2_intent:
         for f in graph.factors:
-            if isinstance(f, FrameIntent):
-                total = total + 0.5 * l2_intent * (f.table ** 2).sum()
+            for name in _pulled(f):
+                total = total + 0.5 * l2_intent * (f.parameters()[name] ** 2).sum()
     return total
 
 
@@ -145,101 +153,26 @@ def meanfield_loss(graph, labels, *, engine=None, form: str = "sequence",
 
 # -- the closed forms, written out (the oracle for the surrogate) ------------------------------
 def factor_parameters(graph) -> dict[str, torch.Tensor]:
-    """``{"<factor>.<attribute>": tensor}``: the potentials of the built-in factor types
-    (Table.log_potential, SparseTable.values, Component.table, FrameIntent.table,
-    KernelTemporal.mu), the keys of :func:`closed_form_gradients`."""
-    out = {}
-    for f in graph.factors:
-        for attr in ("log_potential", "values", "table", "mu"):
-            if hasattr(f, attr) and isinstance(getattr(f, attr), torch.Tensor):
-                out[f"{f.name}.{attr}"] = getattr(f, attr)
-                break
-    return out
-
-
-def _probs(m, item, n):
-    p = m[item.name]
-    return p.expand(n, *p.shape[-(2 if isinstance(item, VariableArray) else 1):]) \
-        if p.dim() == (2 if isinstance(item, VariableArray) else 1) else p
-
-
-def _outer(m, scope, n, length):
-    """Product of the scope's marginals, ``(N, [L,] d_1, ..., d_k)``."""
-    qs = []
-    for s in scope:
-        p = _probs(m, s, n)
-        if length is not None:
-            p = p if isinstance(s, VariableArray) else p.unsqueeze(1).expand(n, length, -1)
-        qs.append(p)
-    letters = "abcdefghijklmnopqrstuvwxyz"[: len(qs)]
-    lead = "nl" if length is not None else "n"
-    return torch.einsum(",".join(lead + c for c in letters) + "->" + lead + letters, *qs)
-
-
-def _reduce(grad, batched):
-    return grad if batched else grad.sum(0)
-
-
-def _kernel(f, n):
-    k = f.kernel_matrix()
-    return k.expand(n, *k.shape[-2:])
+    """``{"<factor>.<parameter>": tensor}``: every parameter each factor declares
+    (:meth:`~fieldlib.factors.Factor.parameters`: Table.log_potential, SparseTable.values,
+    Component.table, FrameIntent.table, KernelTemporal.mu, and a user's factor's own), the
+    keys of :func:`closed_form_gradients`."""
+    return {f"{f.name}.{name}": t for f in graph.factors for name, t in f.parameters().items()}
 
 
 def per_frame_mu_gradient(f: KernelTemporal, marginals, n: int) -> torch.Tensor:
     """``(N, T, D, D)``: Eq. 9's rows of frame i for the marginals ``marginals`` (name ->
     tensor):  Q_i(a) Σ_{j>i} k(i,j) Q_j(b) + Q_i(b) Σ_{j<i} k(j,i) Q_j(a), on the component.
-    Their sum over i is twice Σ_{i<j} k(i,j) Q_i(a) Q_j(b)."""
-    qc = _component_marginal(f.frames, f.component, _probs(marginals, f.frames, n))
-    k = _kernel(f, n)
-    later = torch.einsum("nij,njb->nib", k, qc)  # Σ_{j>i} k(i,j) Q_j
-    earlier = torch.einsum("nji,nja->nia", k, qc)  # Σ_{j<i} k(j,i) Q_j
-    return (torch.einsum("nia,nib->niab", qc, later)
-            + torch.einsum("nib,nia->niab", qc, earlier))
-
-
-def _component_marginal(array, component, q):
-    if component is None:
-        return q
-    index = array.domain.component(component).to(q.device)
-    size = array.domain.components[component].size
-    return q.new_zeros(*q.shape[:-1], size).index_add_(-1, index, q)
-
-
-def _closed_form(f, m, n, form):
-    """Σ over the factor's terms of (product of marginals) on the factor's parameter."""
-    if isinstance(f, Table):
-        g = _outer(m, f.scope, n, f.length)
-        return g.masked_fill(torch.isneginf(f.log_potential).expand_as(g), 0.0)
-    if isinstance(f, SparseTable):
-        g = _outer(m, f.scope, n, f.length)
-        flat = g.reshape(*g.shape[: g.dim() - len(f.scope)], -1)
-        return flat.index_select(-1, f._flat.to(flat.device))
-    if isinstance(f, Component):
-        target = f.scope[0]
-        q = _probs(m, target, n)
-        if f._valid is None:
-            flat, total = target.domain.flat_index(f.components)
-            out = q.new_zeros(*q.shape[:-1], total).index_add_(-1, flat.to(q.device), q)
-            cards = [target.domain.components[c].size for c in f.components]
-            return out.reshape(*q.shape[:-1], *cards)
-        valid = f._valid.to(q.device)
-        out = q.new_zeros(*q.shape[:-1], f.table.shape[-1])
-        return out.index_add_(-1, f._index.to(q.device)[valid], q[..., valid])
-    if isinstance(f, FrameIntent):
-        qc = _component_marginal(f.frames, f.component, _probs(m, f.frames, n))
-        return torch.einsum("ntd,ni->ntdi", qc, _probs(m, f.intent, n))
-    if isinstance(f, KernelTemporal):
-        if form == "frame":
-            return per_frame_mu_gradient(f, m, n).sum(1)
-        qc = _component_marginal(f.frames, f.component, _probs(m, f.frames, n))
-        return torch.einsum("nij,nia,njb->nab", _kernel(f, n), qc, qc)
-    return None
+    Their sum over i is twice Σ_{i<j} k(i,j) Q_i(a) Q_j(b)
+    (:meth:`~fieldlib.factors.KernelTemporal.per_frame_gradient`)."""
+    return f.per_frame_gradient(FixedBeliefs(marginals, n))
 
 
 def closed_form_gradients(graph, free, target, *, form: str = "sequence",
                           l2_intent: float = 0.0) -> dict[str, torch.Tensor]:
-    """MATH.md §6 written out: ``{"<factor>.<attribute>": d loss / d parameter}`` with
+    """MATH.md §6 written out: ``{"<factor>.<parameter>": d loss / d parameter}`` with
     loss = -l, i.e. (model marginal - target) on each parameter, plus ``l2_intent · φXI``.
+    Each factor computes its own (:meth:`~fieldlib.factors.Factor.closed_form_gradient`).
 
     Args:
         free, target: Q and Q* (Results or name -> marginal dicts), e.g. from
@@ -247,23 +180,22 @@ def closed_form_gradients(graph, free, target, *, form: str = "sequence",
         form: ``"sequence"`` (µ: Σ_{i<j}) or ``"frame"`` (µ: the sum of Eq. 9's per-frame
             rows, twice the sequence form).
 
-    Factors of other types are left out.
+    The parameters of a factor type without a closed form (a user's type that defines no
+    ``energy_gradient``) have no entry; :func:`fieldlib.inference.check.compare_closed_form`
+    and ``fieldlib gradcheck`` report them as "no closed form".
     """
     free = free.marginals if hasattr(free, "marginals") else free
     target = target.marginals if hasattr(target, "marginals") else target
     n = graph.batch_size or 1
+    qf, qt = FixedBeliefs(free, n), FixedBeliefs(target, n)
     out = {}
-    names = factor_parameters(graph)
     for f in graph.factors:
-        with torch.no_grad():
-            gf = _closed_form(f, free, n, form)
-            if gf is None:
-                continue
-            grad = gf - _closed_form(f, target, n, form)
-        key = next(k for k in names if k.startswith(f"{f.name}."))
-        batched = getattr(f, "mu_batched", getattr(f, "batched", False))
-        grad = _reduce(grad, batched)
-        if isinstance(f, FrameIntent) and l2_intent:
-            grad = grad + l2_intent * f.table.detach()
-        out[key] = grad
+        grads = f.closed_form_gradient(qf, qt, form)
+        if grads is None:
+            continue
+        pulled = _pulled(f) if l2_intent else []
+        for name, grad in grads.items():
+            if name in pulled:
+                grad = grad + l2_intent * f.parameters()[name].detach()
+            out[f"{f.name}.{name}"] = grad
     return out

@@ -4,8 +4,11 @@
 
 A variable with a BlockDomain (a frame's joint states) is one factor of Q. Each factor
 computes its own expected messages (``Factor.expected_messages``: vectorised for the
-built-in factor types, a generic einsum over dense terms for any other), so the engine only
-schedules, normalises, damps and tracks.
+built-in factor types, a generic einsum over dense terms for any other) from the
+:class:`~fieldlib.factors.beliefs.Beliefs` it is given (the run's MeanFieldState, its
+options included), so the engine only schedules, normalises, damps and tracks. Everything
+of one call lives in a per-run object (:class:`_Run`); the engine holds only its options,
+so one engine can run several graphs at once (threads).
 
 Schedules (one *iteration* = one sweep over every variable):
 
@@ -38,14 +41,15 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
 from fieldlib.errors import FieldlibError, UnsupportedQueryError, ZeroProbabilityError
-from fieldlib.factors.base import OnComponent, soft_impossible
+from fieldlib.factors.beliefs import MessageOptions, OnComponent
 
 from .base import Engine, Result, register_engine
-from .meanfield_stack import Constraints, stack_tables
+from .meanfield_stack import Constraints, TableStack, stack_tables
 from .meanfield_state import Layout, MeanFieldState
 
 __all__ = ["InfeasibleWarning", "MeanField", "MeanFieldWarning", "NotConvergedWarning"]
@@ -54,6 +58,10 @@ SCHEDULES = ("synchronous", "sequential")
 
 #: Default budget of the search for a feasible starting point, in search nodes per element.
 DEFAULT_SEARCH_NODES = 2000
+
+#: Penalty per unit of impossible probability in the soft messages of a row whose every
+#: state is -inf (MessageOptions.penalty): the least impossible states are kept.
+SOFT_PENALTY = 1e30
 
 
 class MeanFieldWarning(RuntimeWarning):
@@ -68,6 +76,32 @@ class InfeasibleWarning(MeanFieldWarning):
 class NotConvergedWarning(MeanFieldWarning):
     """The synchronous schedule stopped at ``max_iter`` before reaching ``tol``
     (``info["converged"]`` is False)."""
+
+
+@dataclass
+class _Run:
+    """Everything one call of :class:`MeanField` holds. The engine object keeps only its
+    options and is never written during a run, so one engine serves several runs at once.
+
+    Attributes:
+        layout: where each variable's Q lives (groups of ``(N, L, d)`` tensors).
+        state: Q, a MeanFieldState (the factors' Beliefs, with the run's MessageOptions).
+        free: per group ``(N, L)`` bool: real, unobserved positions (what updates change).
+        all_free: per group, whether every position is free (updates then skip the mask).
+        clamp: ``{group: (mask (N, L), states (N, L))}``: observed positions and states.
+        zero: the ZeroProbabilityError to raise (its message names the model or evidence).
+        batched: whether the graph carries a batch axis.
+        unary: ``{group: (N, L, d)}`` summed messages of the one-variable factors.
+    """
+
+    layout: Layout
+    state: MeanFieldState
+    free: list
+    all_free: list
+    clamp: dict
+    zero: ZeroProbabilityError
+    batched: bool
+    unary: dict = field(default_factory=dict)
 
 
 @register_engine("meanfield")
@@ -137,23 +171,23 @@ class MeanField(Engine):
         ev = graph.evidence(evidence)
         n, batched = graph.batch_of(ev)
         dtype, device = graph.dtype, graph.device
-        state = MeanFieldState(layout, n, dtype, device, self.kernel_method)
+        state = MeanFieldState(layout, n, dtype, device,
+                               MessageOptions(kernel_method=self.kernel_method))
         free, clamp = self._masks(graph, layout, ev, n, device)
-        self._all_free = [bool(f.all()) for f in free]
+        zero = ZeroProbabilityError("the evidence has probability zero" if ev else
+                                     "the model gives every configuration probability zero")
+        run = _Run(layout, state, free, [bool(f.all()) for f in free], clamp, zero, batched)
         factors = [_in_dtype(f, dtype) for f in graph.factors]
         units = _units(factors, layout)
         constant, coupled = _split_factors(units)
         phases = self._phases(layout, coupled, self.schedule)
-        zero = ZeroProbabilityError("the evidence has probability zero" if ev else
-                                     "the model gives every configuration probability zero")
 
         with torch.no_grad():
             state.set_wants(None)
-            unary = self._collect(constant, state, layout)
+            run.unary = unary = self._collect(constant, state, layout)
             offset = self._constant_energy(constant, state, zero, batched)
-            self._initialise(state, layout, unary, free, clamp, zero)
-            hard, feasible, restarted = self._feasible_start(
-                factors, layout, state, coupled, unary, free, clamp, zero, batched)
+            self._initialise(run)
+            hard, feasible, restarted = self._feasible_start(run, factors, coupled)
             sequential = (phases if self.schedule == "sequential" else
                           self._phases(layout, coupled, "sequential") if hard else None)
             trace = []
@@ -165,7 +199,7 @@ class MeanField(Engine):
                     # from a point mass, log-space damping would never move Q: undamped
                     damping = torch.where(restarted, 0.0, damping).to(dtype)[:, None, None]
                 before = list(state.q) if guard else None  # set_group never writes into q
-                change = self._sweep(state, layout, phases, unary, free, damping)
+                change = self._sweep(run, phases, damping)
                 elbo = None
                 if self.track_elbo or guard:
                     elbo = self._elbo_fast(state, coupled, unary) + offset
@@ -178,8 +212,8 @@ class MeanField(Engine):
                         after = list(state.q)
                         for g, q in enumerate(before):
                             state.set_group(g, q)
-                        change = torch.where(broke, self._sweep(
-                            state, layout, sequential, unary, free, damping), change)
+                        change = torch.where(broke, self._sweep(run, sequential, damping),
+                                             change)
                         for g, q in enumerate(after):
                             state.set_group(g, torch.where(broke[:, None, None], state.q[g], q))
                         elbo = self._elbo_fast(state, coupled, unary) + offset
@@ -276,7 +310,7 @@ class MeanField(Engine):
             return store[key]
 
         for f in factors:
-            if hasattr(f, "group_messages"):  # a TableStack (meanfield_stack.py)
+            if isinstance(f, TableStack):  # many small tables at once (meanfield_stack.py)
                 for g, m in f.group_messages(state, groups).items():
                     acc[g] = acc[g] + m if g in acc else m
                 continue
@@ -307,8 +341,12 @@ class MeanField(Engine):
             acc[g] = acc[g] + gathered if g in acc else gathered
         return acc
 
-    def _initialise(self, state, layout, unary, free, clamp, zero):
-        for g in layout.groups:
+    def _initialise(self, run: _Run) -> None:
+        """Q from the one-variable factors (``init="unary"``) or uniform over the possible
+        states; observed positions one-hot, padding all zero. Raises ``run.zero`` for a
+        variable whose own factors are all -inf, or an impossible observed state."""
+        state, unary, free, clamp, zero = run.state, run.unary, run.free, run.clamp, run.zero
+        for g in run.layout.groups:
             i = g.index
             if i not in unary:
                 unary[i] = state.q[i].new_zeros(state.batch, g.size, g.card)
@@ -332,8 +370,9 @@ class MeanField(Engine):
             logq = torch.where(active[..., None], logq, logq.new_full((), float("-inf")))
             state.set_group(i, logq.exp(), logq)
 
-    def _sweep(self, state, layout, phases, unary, free, damping) -> torch.Tensor:
+    def _sweep(self, run: _Run, phases, damping) -> torch.Tensor:
         """One iteration over ``phases``; returns the max change per batch element."""
+        state, layout, unary = run.state, run.layout, run.unary
         change = torch.zeros(state.batch, dtype=state.dtype, device=state.device)
         for groups, factors in phases:
             state.set_wants(groups)
@@ -342,15 +381,15 @@ class MeanField(Engine):
 
             def soft_messages(groups=groups, factors=factors, soft=soft):
                 if not soft:  # messages with -inf replaced by a huge penalty
-                    with soft_impossible():
-                        soft.append(self._collect(factors, state, layout, groups))
+                    view = state.with_options(penalty=SOFT_PENALTY)
+                    soft.append(self._collect(factors, view, layout, groups))
                 return soft[0]
 
             for g, mask in groups.items():
                 m = msgs.get(g)
                 m = unary[g] if m is None else m + unary[g]
                 change = torch.maximum(change, self._update(
-                    state, g, m, mask, free, unary, soft_messages, damping))
+                    run, g, m, mask, soft_messages, damping))
         state.set_wants(None)
         return change
 
@@ -360,7 +399,7 @@ class MeanField(Engine):
         when one is -inf."""
         total = torch.zeros(state.batch, dtype=state.dtype, device=state.device)
         for f in constant:
-            if not hasattr(f, "group_messages") and not f.variables():
+            if not isinstance(f, TableStack) and not f.variables():
                 total = total + f.expected_energy(state)
         if bool(torch.isneginf(total).any()):
             bad = int(torch.isneginf(total).nonzero()[0, 0])
@@ -368,8 +407,7 @@ class MeanField(Engine):
                              f"{f' in batch element {bad}' if batched else ''})")
         return total
 
-    def _feasible_start(self, factors, layout, state, coupled, unary, free, clamp, zero,
-                        batched):
+    def _feasible_start(self, run: _Run, factors, coupled):
         """Make the initial Q put no mass on impossible configurations, where one exists.
 
         When the coupled factors have -inf entries on states Q may take (``hard``) and the
@@ -378,8 +416,11 @@ class MeanField(Engine):
         consistency over the -inf entries (meanfield_stack.Constraints). Sequential updates
         from there never reach an impossible configuration (the ELBO never decreases).
 
-        Returns ``(hard, feasible (N,), restarted (N,))``. Raises ``zero`` (ZeroProbabilityError)
-        when the search proves that no configuration has positive probability."""
+        Returns ``(hard, feasible (N,), restarted (N,))``. Raises ``run.zero``
+        (ZeroProbabilityError) when the search proves that no configuration has positive
+        probability."""
+        layout, state, unary, free, clamp = run.layout, run.state, run.unary, run.free, run.clamp
+        zero, batched = run.zero, run.batched
         n = state.batch
         feasible = torch.ones(n, dtype=torch.bool, device=state.device)
         restarted = torch.zeros_like(feasible)
@@ -387,7 +428,7 @@ class MeanField(Engine):
             return False, feasible, restarted
         active = [free[g.index] | (clamp[g.index][0] if g.index in clamp else False)
                   for g in layout.groups]
-        probe = MeanFieldState(layout, n, state.dtype, state.device, self.kernel_method)
+        probe = MeanFieldState(layout, n, state.dtype, state.device, state.options)
         for g, q in enumerate(state.q):  # uniform over every state Q may take
             allowed = (~torch.isneginf(unary[g]) & free[g][..., None]).to(q.dtype)
             if g in clamp:
@@ -406,11 +447,11 @@ class MeanField(Engine):
         if bool(wiped.any()):
             raise _zero(zero, wiped, batched)
         qs = [q.clone() for q in state.q]
-        look = MeanFieldState(layout, n, state.dtype, state.device, self.kernel_method)
+        look = MeanFieldState(layout, n, state.dtype, state.device, state.options)
         for e in need.nonzero().flatten().tolist():
             point, proven = cons.element(e).search(
                 [d[e:e + 1] for d in domains], [a[e:e + 1] for a in active],
-                self._greedy_score(layout, coupled, unary, look, e), self.search_nodes)
+                self._greedy_score(run, coupled, look, e), self.search_nodes)
             if proven:
                 raise _zero(zero, torch.arange(n) == e, batched)
             if point is not None:
@@ -423,11 +464,12 @@ class MeanField(Engine):
         feasible = ~torch.isneginf(_energy(coupled, state))
         return True, feasible, restarted
 
-    def _greedy_score(self, layout, coupled, unary, look, e):
+    def _greedy_score(self, run: _Run, coupled, look, e):
         """The search's value order for batch element ``e``: a state's log-potential given
         the variables already fixed (one state left), i.e. the mean-field message under a Q
         that is a point mass on them and zero elsewhere (factors over an unfixed variable
         contribute nothing)."""
+        layout, unary = run.layout, run.unary
 
         def score(domains, g, p):
             for h, d in enumerate(domains):
@@ -443,13 +485,14 @@ class MeanField(Engine):
 
         return score
 
-    def _update(self, state, g, msg, mask, free, unary, soft_messages, a) -> torch.Tensor:
+    def _update(self, run: _Run, g, msg, mask, soft_messages, a) -> torch.Tensor:
         """Replace Q of group ``g`` at the free positions of ``mask`` (None: all) with the
         normalised ``msg``, damped; returns the max change per batch element.
 
         A row whose every state is -inf (the others' Q give each state probability zero)
-        takes the states least often impossible instead (messages under
-        ``soft_impossible``); a row still impossible keeps its Q."""
+        takes the states least often impossible instead (the messages with
+        ``MessageOptions.penalty``); a row still impossible keeps its Q."""
+        state, free, unary = run.state, run.free, run.unary
         old = state.q[g]
         q = torch.softmax(msg, -1)
         dead = torch.isnan(q[..., :1])  # all -inf rows come out NaN
@@ -466,7 +509,7 @@ class MeanField(Engine):
             else:
                 damped = torch.softmax((1 - a) * torch.log(q) + a * state.logq[g], -1)
             q = torch.where(a > 0, damped, q) if isinstance(a, torch.Tensor) else damped
-        if mask is not None or not self._all_free[g] or any_dead:
+        if mask is not None or not run.all_free[g] or any_dead:
             upd = free[g] if mask is None else free[g] & mask.to(free[g].device)[None, :]
             q = torch.where(dead | ~upd[..., None], old, q)
         state.set_group(g, q, None)
@@ -486,7 +529,7 @@ class MeanField(Engine):
     def _elbo(units, state) -> torch.Tensor:
         total = state.entropy()
         for f in units:
-            if hasattr(f, "group_messages"):
+            if isinstance(f, TableStack):
                 total = total + f.expected_energy(state, differentiable=True)
             else:
                 total = total + f.expected_energy(state)

@@ -1,13 +1,14 @@
 """Many small tables, one tensor program: the mean-field messages of a file-style model, and
 the hard zeros of a model as stacked boolean tables (a feasible starting point for Q).
 
-A model read from a UAI file is hundreds of :class:`~fieldlib.factors.Table` s over
-stand-alone variables. Calling each factor's message in turn costs a Python round trip per
-factor and variable; instead, the engine stacks every such table of the same shape into
-``(N, M, d_1, ..., d_k)`` (stand-alone variables of one cardinality share one pool of Q, so
-slot j of every stacked table reads the same pool) and computes all their messages with one
-einsum per slot and one ``index_add`` into the pool. Only an optimisation: the result is
-the factors' own ``expected_messages``.
+A model read from a UAI file is hundreds of tables over stand-alone variables. Calling each
+factor's message in turn costs a Python round trip per factor and variable; instead, the
+engine stacks every factor that declares itself one dense table
+(:meth:`~fieldlib.factors.Factor.dense_table`: Table and SparseTable over stand-alone
+variables, or a user's type) by shape into ``(N, M, d_1, ..., d_k)`` (stand-alone variables
+of one cardinality share one pool of Q, so slot j of every stacked table reads the same
+pool) and computes all their messages with one einsum per slot and one ``index_add`` into
+the pool. Only an optimisation: the result is the factors' own ``expected_messages``.
 
 :class:`Constraints` stacks the same way the *-inf entries* of every factor's dense terms, as
 boolean "allowed" tables, to find a configuration of positive probability for mean-field to
@@ -20,43 +21,42 @@ from __future__ import annotations
 
 import torch
 
-from fieldlib.factors.base import _PENALTY, DEFAULT_MAX_DENSE_ELEMENTS
-from fieldlib.factors.table import SparseTable, Table
+from fieldlib.factors.base import DEFAULT_MAX_DENSE_ELEMENTS
+from fieldlib.factors.beliefs import contract_table
 
 __all__ = ["Constraints", "TableStack", "stack_tables"]
-
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 class TableStack:
     """Tables of one shape over pooled stand-alone variables, stacked.
 
     Attributes:
-        factors: the stacked factors.
+        factors: the M stacked factors; tables: their
+            :meth:`~fieldlib.factors.Factor.dense_table` (``([N,] d_1, ..., d_k)`` each,
+            differentiable in the factors' tensors); variables: their scopes.
         groups: pool group of each slot; positions ``(M, k)``: each table's variables there.
     """
 
     kind = "table_stack"
 
-    def __init__(self, factors, layout):
-        self.factors = list(factors)
+    def __init__(self, factors, tables, scopes, layout):
+        self.factors, self.tables = list(factors), list(tables)
         self.layout = layout
-        first = self.factors[0]
-        self.arity = len(first.scope)
-        self.groups = [layout.where[v][0] for v in first.scope]
-        self.positions = torch.tensor([[layout.where[v][1] for v in f.scope]
-                                       for f in self.factors], dtype=torch.long)
-        self.variables = [tuple(f.scope) for f in self.factors]
+        self.variables = [tuple(scope) for scope in scopes]
+        self.arity = len(self.variables[0])
+        self.groups = [layout.where[v][0] for v in self.variables[0]]
+        self.positions = torch.tensor([[layout.where[v][1] for v in scope]
+                                       for scope in self.variables], dtype=torch.long)
 
     def table(self) -> torch.Tensor:
         """``(N or 1, M, d...)`` (differentiable in the factors' tensors)."""
-        tabs = [f.dense() if isinstance(f, SparseTable) else f.log_potential
-                for f in self.factors]
-        if any(f.batched for f in self.factors):
-            n = next(f.batch_size for f in self.factors if f.batched)
-            tabs = [t if f.batched else t.expand(n, *t.shape) for t, f in zip(tabs, self.factors)]
+        k = self.arity
+        batched = [t.dim() > k for t in self.tables]
+        if any(batched):
+            n = next(t.shape[0] for t, b in zip(self.tables, batched) if b)
+            tabs = [t if b else t.expand(n, *t.shape) for t, b in zip(self.tables, batched)]
             return torch.stack(tabs, 1)
-        return torch.stack(tabs, 0).unsqueeze(0)
+        return torch.stack(self.tables, 0).unsqueeze(0)
 
     def couplings(self):
         return self.variables
@@ -69,25 +69,18 @@ class TableStack:
                             neginf.to(t.dtype) if bool(neginf.any()) else None)
         return self._cached
 
-    def _expect(self, parts, qs, keep, rows=None):
+    def _expect(self, parts, qs, keep, penalty, rows=None):
+        """``(N, M, [d_keep])``: expected_log_table of every stacked table (MATH.md §3)."""
         finite, ind = parts
         if rows is not None:
             finite = finite.index_select(1, rows)
             ind = None if ind is None else ind.index_select(1, rows)
-        k = self.arity
-        letters = _LETTERS[:k]
-        others = [j for j in range(k) if j != keep]
-        eq = ",".join(["nm" + letters] + ["nm" + letters[j] for j in others]) + "->nm" + (
-            letters[keep] if keep is not None else "")
+        others = [j for j in range(self.arity) if j != keep]
         n = qs[0].shape[0]
-        ops = [qs[j] for j in others]
-        value = torch.einsum(eq, finite.expand(n, *finite.shape[1:]), *ops)
-        if ind is None:
-            return value
-        imp = torch.einsum(eq, ind.expand(n, *ind.shape[1:]), *ops)
-        if _PENALTY[0] is not None:
-            return value - _PENALTY[0] * imp
-        return value.masked_fill(imp > 0, float("-inf"))
+        return contract_table(finite.expand(n, *finite.shape[1:]),
+                              None if ind is None else ind.expand(n, *ind.shape[1:]),
+                              [qs[j] for j in others], others, keep, penalty,
+                              lead=("n", "m"))
 
     def group_messages(self, state, groups) -> dict:
         """``{group: (N, L, d)}`` summed messages of the stack to the wanted pools."""
@@ -106,7 +99,7 @@ class TableStack:
                 pos = pos[rows]
             sel = self.positions if rows is None else self.positions[rows]
             qs = [state.q[self.groups[j]][:, sel[:, j]] for j in range(self.arity)]
-            m = self._expect(parts, qs, a, rows)  # (N, rows, d_a)
+            m = self._expect(parts, qs, a, state.options.penalty, rows)  # (N, rows, d_a)
             size = self.layout.groups[g]
             buf = out.get(g)
             if buf is None:
@@ -123,23 +116,27 @@ class TableStack:
                      neginf.to(t.dtype) if bool(neginf.any()) else None)
         else:
             parts = self._parts()
-        return self._expect(parts, qs, None).sum(1)
+        return self._expect(parts, qs, None, state.options.penalty).sum(1)
 
 
 def stack_tables(factors, layout):
-    """Split ``factors`` into TableStacks (Tables / SparseTables over stand-alone variables,
-    grouped by shape and batching) and the rest, in order."""
+    """Split ``factors`` into TableStacks (factors that declare one dense table over distinct
+    stand-alone variables, grouped by shape and batching) and the rest, in order."""
     buckets: dict = {}
     rest = []
     for f in factors:
-        if (type(f) in (Table, SparseTable) and f.length is None and f.scope
-                and all(layout.groups[layout.where[v][0]].array is None for v in f.scope)
-                and len({id(v) for v in f.scope}) == len(f.scope)):
-            key = (tuple(v.cardinality for v in f.scope), f.batched)
-            buckets.setdefault(key, []).append(f)
-        else:
+        table = f.dense_table()  # not None: ``f.scope`` holds Variables only
+        scope = f.scope if table is not None else ()
+        if not (scope and all(layout.groups[layout.where[v][0]].array is None for v in scope)
+                and len({id(v) for v in scope}) == len(scope)):
             rest.append(f)
-    return [TableStack(fs, layout) for fs in buckets.values()], rest
+            continue
+        key = (tuple(v.cardinality for v in scope), table.dim() > len(scope))
+        bucket = buckets.setdefault(key, ([], [], []))
+        bucket[0].append(f)
+        bucket[1].append(table)
+        bucket[2].append(scope)
+    return [TableStack(*bucket, layout=layout) for bucket in buckets.values()], rest
 
 
 class Constraints:

@@ -7,19 +7,23 @@ its block states (structured mean-field). Storage is batched and vectorised:
 * every :class:`~fieldlib.variables.VariableArray` is one group, a tensor ``(N, T, d)``;
 * stand-alone variables are pooled by cardinality, one tensor ``(N, n, d)`` per pool.
 
-Padded array positions hold all-zero rows, so every expectation over Q ignores them. The
-:class:`MeanFieldState` is also the view factors receive in
-:meth:`~fieldlib.factors.Factor.expected_messages` (``probs``, ``component_marginal``,
-``wants``, ``batch``).
+Padded array positions hold all-zero rows, so every expectation over Q ignores them. A
+:class:`MeanFieldState` implements :class:`~fieldlib.factors.beliefs.Beliefs`, the view
+factors receive in :meth:`~fieldlib.factors.Factor.expected_messages` (``probs``,
+``component_marginal``, ``wants``, ``batch``, ``options``). It belongs to one run of an
+engine: the engine creates it, and nothing of it lives on the engine object.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from fieldlib.errors import FieldlibError
+from fieldlib.factors.beliefs import MessageOptions
 from fieldlib.factors.frame_intent import component_map
 from fieldlib.variables import Variable, VariableArray
 
@@ -83,17 +87,20 @@ class Layout:
 
 
 class MeanFieldState:
-    """Q for a batch of N, as probabilities and logs per group, plus the factor-facing view.
+    """Q for a batch of N, as probabilities and logs per group, plus the factor-facing view
+    (:class:`~fieldlib.factors.beliefs.Beliefs`).
 
     Attributes:
         q, logq: per group ``(N, L, d)`` (padding: q = 0, logq = -inf).
-        kernel_method: forwarded to KernelTemporal's kernel sums (``"auto"``, ...).
+        options: the run's :class:`~fieldlib.factors.beliefs.MessageOptions` (the -inf
+            penalty, KernelTemporal's kernel sums), read by the factors.
     """
 
-    def __init__(self, layout: Layout, batch: int, dtype, device, kernel_method: str = "auto"):
+    def __init__(self, layout: Layout, batch: int, dtype, device,
+                 options: MessageOptions | None = None):
         self.layout, self.batch = layout, batch
         self.dtype, self.device = dtype, device
-        self.kernel_method = kernel_method
+        self.options = options or MessageOptions()
         self.q = [torch.zeros(batch, g.size, g.card, dtype=dtype, device=device)
                   for g in layout.groups]
         self._logq: list[torch.Tensor | None] = [None] * len(self.q)
@@ -152,6 +159,14 @@ class MeanFieldState:
         return mask is None or pos is None or bool(mask[pos])
 
     # -- engine side ---------------------------------------------------------------------------
+    def with_options(self, **changes) -> MeanFieldState:
+        """A view of the same Q (shared storage: it sees every later ``set_group``) whose
+        options differ by ``changes``, e.g. ``penalty=1e30`` for the soft messages of a row
+        whose every state is impossible."""
+        view = copy.copy(self)
+        view.options = dataclasses.replace(self.options, **changes)
+        return view
+
     def set_wants(self, want: dict[int, torch.Tensor | None] | None) -> None:
         """Groups (and per group an optional position mask ``(L,)``) being updated."""
         self._want = want

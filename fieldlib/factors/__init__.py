@@ -1,6 +1,12 @@
-"""Factor types. Each file holds one idea; :func:`register_factor` adds a new one."""
+"""Factor types. Each file holds one idea; :func:`register_factor` adds a new one.
+
+``beliefs.py`` is the protocol between a factor and a mean-field style engine: what a factor
+is given (:class:`Beliefs`, Q as the factor sees it, with the run's :class:`MessageOptions`)
+and what it returns (messages, possibly :class:`OnComponent`).
+"""
 
 from fieldlib.factors.base import Factor, Term, factor_types, register_factor
+from fieldlib.factors.beliefs import Beliefs, FixedBeliefs, MessageOptions, OnComponent
 from fieldlib.factors.component import Component
 from fieldlib.factors.frame_intent import FrameIntent
 from fieldlib.factors.kernel_temporal import KernelTemporal
@@ -11,6 +17,10 @@ __all__ = [
     "Term",
     "register_factor",
     "factor_types",
+    "Beliefs",
+    "FixedBeliefs",
+    "MessageOptions",
+    "OnComponent",
     "Table",
     "SparseTable",
     "Component",

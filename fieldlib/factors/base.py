@@ -12,15 +12,18 @@ of a graph share N, unbatched ones are shared by every batch element.
 
 Every factor can give its *dense terms* (:meth:`Factor.terms`): a list of :class:`Term`,
 each a log-table over a few variables. Exact engines consume only these; mean-field
-engines use a factor's own vectorised message where it has one and these terms otherwise.
-A new factor type is one subclass in one file, registered with :func:`register_factor`.
+engines use a factor's own vectorised message where it has one and these terms otherwise
+(the protocol between a factor and such an engine, :class:`~fieldlib.factors.beliefs.Beliefs`,
+is in beliefs.py). A factor also declares its parameters (:meth:`Factor.parameters`) and,
+where it has one, the closed-form gradient of its expected log-potential
+(:meth:`Factor.energy_gradient`, MATH.md §6). A new factor type is one subclass in one file,
+registered with :func:`register_factor`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +35,7 @@ from fieldlib.errors import (
     ShapeError,
     TooLargeError,
 )
+from fieldlib.factors.beliefs import Beliefs, Messages, OnComponent, expected_log_table
 from fieldlib.variables import Variable, VariableArray, integer_tensor
 
 __all__ = [
@@ -44,7 +48,6 @@ __all__ = [
     "DEFAULT_MAX_DENSE_ELEMENTS",
     "OnComponent",
     "expected_log_table",
-    "soft_impossible",
 ]
 
 #: Refuse to build dense terms with more elements than this (all terms of a factor summed).
@@ -209,40 +212,61 @@ class Factor:
         """Number of elements :meth:`terms` would allocate (all terms, batch included)."""
         raise NotImplementedError
 
+    # -- what the factor declares -------------------------------------------------------
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}``: the factor's potentials, the tensors losses, checks and
+        closed-form gradients differentiate with respect to (keyed ``"<factor>.<name>"``
+        there). The default: the floating tensors of :meth:`tensors`, each named by the
+        attribute that holds it (``tensor<i>`` if none does); override to leave out tensors
+        that are not potentials (e.g. frame times)."""
+        named = {id(v): k for k, v in reversed(list(vars(self).items()))
+                 if isinstance(v, torch.Tensor)}
+        return {named.get(id(t), f"tensor{i}"): t for i, t in enumerate(self.tensors())
+                if t.is_floating_point()}
+
+    def dense_table(self) -> torch.Tensor | None:
+        """The factor as ONE dense log-table over its scope, ``([N,] d_1, ..., d_k)`` (N
+        present iff batched), when it is exactly that and its scope holds Variables only (no
+        VariableArray); None (the default) otherwise. An engine may stack such factors by
+        shape and compute their messages from the stacked tables
+        (inference/meanfield_stack.py) instead of calling :meth:`expected_messages`: a factor
+        that declares a table must have the messages of that table."""
+        return None
+
     # -- mean-field messages (MATH.md §3) --------------------------------------------------
     # A mean-field engine asks each factor for its expected log-potential given the current
-    # Q. ``q`` is the engine's view of Q (duck-typed, see inference/meanfield_state.py):
-    #   q.probs(item)          Variable -> (N, d); VariableArray -> (N, T, d) (padding: 0 rows)
-    #   q.component_marginal(array, component) -> (N, T, D), Q summed onto a block component
-    #   q.wants(item)          whether a message to that Variable/array is needed now
-    # The versions here are the GENERIC fallback over :meth:`terms` (an einsum per term), so a
-    # new factor type works unchanged; factor types override them with vectorised versions.
-    def expected_messages(self, q) -> dict:
+    # Q, a :class:`~fieldlib.factors.beliefs.Beliefs` (q.probs, q.component_marginal,
+    # q.wants, q.batch, q.options). The versions here are the GENERIC fallback over
+    # :meth:`terms` (an einsum per term), so a new factor type works unchanged; factor types
+    # override them with vectorised versions.
+    def expected_messages(self, q: Beliefs) -> Messages:
         """``{item: message}``: for each Variable / VariableArray ``item`` of the scope that
         ``q.wants``, E_Q[log φ | item = x] summed over the factor's terms (the item's own Q
-        excluded). A message is a tensor ``([N,] [T,] d)`` (batch axis optional) or an
-        :class:`OnComponent` over one block component. -inf where Q puts mass on an
-        impossible configuration."""
+        excluded; MATH.md §3, Eq. 5). A message is a tensor ``([N,] [T,] d)`` (batch axis
+        optional) or an :class:`OnComponent` over one block component. -inf where Q puts
+        mass on an impossible configuration (``- q.options.penalty · p`` when set)."""
         out: dict = {}
+        penalty = q.options.penalty
         for term in self.terms():
             table = term.table if term.batched else term.table.unsqueeze(0)
             qs = [q.probs(v) for v in term.variables]
             for a, v in enumerate(term.variables):
                 if q.wants(v):
-                    m = expected_log_table(table, qs, keep=a)
+                    m = expected_log_table(table, qs, keep=a, penalty=penalty)
                     out[v] = out[v] + m if v in out else m
         return out
 
-    def expected_energy(self, q) -> torch.Tensor:
+    def expected_energy(self, q: Beliefs) -> torch.Tensor:
         """``(N,)`` E_Q[log φ] (the factor's part of the ELBO); differentiable in the
         factor's tensors (Q is taken as given)."""
         total = 0.0
         for term in self.terms():
             table = term.table if term.batched else term.table.unsqueeze(0)
-            total = total + expected_log_table(table, [q.probs(v) for v in term.variables])
+            total = total + expected_log_table(table, [q.probs(v) for v in term.variables],
+                                               penalty=q.options.penalty)
         return total
 
-    def position_energy(self, q) -> dict:
+    def position_energy(self, q: Beliefs) -> dict[VariableArray, torch.Tensor]:
         """``{array: (N, T)}``: each term's expected log-potential credited to every array
         position in its scope (a term on frames i and j counts at both: the per-frame rows
         of MATH.md §6, which sum to twice a pairwise energy). Terms touching no array
@@ -250,7 +274,8 @@ class Factor:
         out: dict = {}
         for term in self.terms():
             table = term.table if term.batched else term.table.unsqueeze(0)
-            e = expected_log_table(table, [q.probs(v) for v in term.variables])
+            e = expected_log_table(table, [q.probs(v) for v in term.variables],
+                                   penalty=q.options.penalty)
             for v in term.variables:
                 if v.array is not None:
                     if v.array not in out:
@@ -264,6 +289,37 @@ class Factor:
         """The groups of variables the factor couples (each term's scope). Variables that
         share no group can be updated at the same time by a sequential schedule."""
         return [tuple(term.variables) for term in self.terms()]
+
+    # -- closed-form gradients (MATH.md §6) ------------------------------------------------
+    def energy_gradient(self, q: Beliefs,
+                        form: str = "sequence") -> dict[str, torch.Tensor] | None:
+        """``{name: (N, *shape)}``: ∂ E_Q[log φ] / ∂θ for each parameter θ of
+        :meth:`parameters` (``shape`` its shape without batch axis), written out without
+        autograd: the product of Q's marginals on the parameter's entries (MATH.md §6,
+        Eq. 7-9 are the free minus the clamped Q of this). ``form="frame"``: the sum of the
+        per-frame rows, where a pairwise term counts at both of its frames.
+
+        None (the default): the factor type has no closed form; checks report its
+        parameters as such (``fieldlib gradcheck``)."""
+        return None
+
+    def closed_form_gradient(self, free: Beliefs, target: Beliefs,
+                             form: str = "sequence") -> dict[str, torch.Tensor] | None:
+        """``{name: tensor shaped like the parameter}``: the gradient of the mean-field
+        surrogate E_free[log φ] - E_target[log φ] (MATH.md §6: "marginal minus target"),
+        from :meth:`energy_gradient`, summed over the batch for an unbatched parameter.
+        None when the factor has no closed form."""
+        with torch.no_grad():
+            gf = self.energy_gradient(free, form)
+            if gf is None:
+                return None
+            gt = self.energy_gradient(target, form)
+        params = self.parameters()
+        out = {}
+        for name, g in gf.items():
+            d = g - gt[name]
+            out[name] = d if d.dim() == params[name].dim() else d.sum(0)
+        return out
 
     # -- helpers for subclasses -----------------------------------------------------------
     @property
@@ -324,72 +380,3 @@ def positions(scope: Iterable[Variable | VariableArray]) -> int | None:
 def at(item: Variable | VariableArray, t: int) -> Variable:
     """The variable at position t of an array, or the variable itself."""
     return item[t] if isinstance(item, VariableArray) else item
-
-
-class OnComponent:
-    """A mean-field message given on one component of a block domain, e.g. on the 38 objects
-    rather than the 471 frame states: the engine sums messages on the same component and
-    gathers them onto the block's states once (MATH.md §3: µ acts on objects).
-
-    Attributes:
-        component: component name (None: the message is already on the states).
-        message: ``([N,] [T,] D)`` on the component's values.
-    """
-
-    __slots__ = ("component", "message")
-
-    def __init__(self, component: str | None, message: torch.Tensor):
-        self.component = component
-        self.message = message
-
-
-_PENALTY: list[float | None] = [None]
-
-
-@contextmanager
-def soft_impossible(penalty: float = 1e30):
-    """Inside this context :func:`expected_log_table` returns ``value - penalty * p`` in place
-    of -inf, p the probability put on impossible configurations: a mean-field engine uses
-    it to choose the least impossible states of a variable whose every state is -inf."""
-    _PENALTY[0], old = float(penalty), _PENALTY[0]
-    try:
-        yield
-    finally:
-        _PENALTY[0] = old
-
-
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def expected_log_table(table: torch.Tensor, qs: Sequence[torch.Tensor],
-                       keep: int | None = None) -> torch.Tensor:
-    """Expectation of a log-table under a product of distributions.
-
-    Args:
-        table: ``(..., d_1, ..., d_k)`` log-potentials; leading axes broadcast with the qs'.
-        qs: k tensors ``(..., d_j)``: the distribution of each table axis.
-        keep: an axis to keep (a mean-field message to that variable, its own q unused),
-            or None for the full expectation.
-
-    Returns ``(..., d_keep)`` or ``(...)``. Convention 0 · (-inf) = 0: a configuration of
-    zero probability contributes nothing; positive probability on a -inf entry gives -inf.
-    """
-    k = len(qs)
-    if k > len(_LETTERS):
-        raise FieldlibError(f"expected_log_table supports at most {len(_LETTERS)} axes")
-    lead = torch.broadcast_shapes(table.shape[: table.dim() - k],
-                                  *(q.shape[:-1] for q in qs))
-    letters = _LETTERS[:k]
-    others = [j for j in range(k) if j != keep]
-    specs = ["..." + letters] + ["..." + letters[j] for j in others]
-    eq = ",".join(specs) + "->..." + (letters[keep] if keep is not None else "")
-    ops = [qs[j].expand(*lead, qs[j].shape[-1]) for j in others]
-    full = table.expand(*lead, *table.shape[table.dim() - k:])
-    neginf = torch.isneginf(full)
-    if not bool(neginf.any()):
-        return torch.einsum(eq, full, *ops)
-    value = torch.einsum(eq, full.masked_fill(neginf, 0.0), *ops)
-    impossible = torch.einsum(eq, neginf.to(full.dtype), *ops)
-    if _PENALTY[0] is not None:
-        return value - _PENALTY[0] * impossible
-    return value.masked_fill(impossible > 0, float("-inf"))

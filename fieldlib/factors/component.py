@@ -21,6 +21,7 @@ from fieldlib.factors.base import (
     expected_log_table,
     register_factor,
 )
+from fieldlib.factors.beliefs import Beliefs
 from fieldlib.variables import BlockDomain, VariableArray
 
 __all__ = ["Component"]
@@ -88,6 +89,9 @@ class Component(Factor):
     def tensors(self):
         return [self.table]
 
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {"table": self.table}
+
     def block_table(self) -> torch.Tensor:
         """``([N,] [T,] S)`` log-potential of every block state."""
         t = self.table
@@ -113,19 +117,20 @@ class Component(Factor):
                 for p in range(self.length)]
 
     # -- mean-field: a unary factor; its message does not depend on Q -------------------------
-    def expected_messages(self, q) -> dict:
+    def expected_messages(self, q: Beliefs) -> dict:
         target = self.scope[0]
         return {target: self.block_table()} if q.wants(target) else {}
 
-    def _energy(self, q) -> torch.Tensor:
-        e = expected_log_table(self.block_table(), [q.probs(self.scope[0])])
+    def _energy(self, q: Beliefs) -> torch.Tensor:
+        e = expected_log_table(self.block_table(), [q.probs(self.scope[0])],
+                               penalty=q.options.penalty)
         return e.expand(q.batch, *e.shape[1:]) if e.dim() else e.expand(q.batch)
 
-    def expected_energy(self, q) -> torch.Tensor:
+    def expected_energy(self, q: Beliefs) -> torch.Tensor:
         e = self._energy(q)
         return e.sum(-1) if self.length is not None else e
 
-    def position_energy(self, q) -> dict:
+    def position_energy(self, q: Beliefs) -> dict:
         target, e = self.scope[0], self._energy(q)
         if self.length is not None:
             return {target: e}
@@ -137,3 +142,19 @@ class Component(Factor):
 
     def couplings(self) -> list:
         return [(v,) for v in self.variables()]
+
+    # -- closed-form gradient (MATH.md §6: Eq. 7 marginalised onto the components) -----------
+    def energy_gradient(self, q: Beliefs, form: str = "sequence") -> dict:
+        """``{"table": (N, [T,] d_1, ..., d_m)}`` (sparse: ``(N, [T,] K)``): ∂ E_Q[log φ] /
+        ∂table(u) = Σ_{x: comp(x) = u} Q(x), Q of the block summed onto the components (the
+        same in both forms: each term has one block variable)."""
+        target = self.scope[0]
+        q = q.probs(target)
+        if self._valid is None:
+            flat, total = target.domain.flat_index(self.components)
+            out = q.new_zeros(*q.shape[:-1], total).index_add_(-1, flat.to(q.device), q)
+            cards = [target.domain.components[c].size for c in self.components]
+            return {"table": out.reshape(*q.shape[:-1], *cards)}
+        valid = self._valid.to(q.device)
+        out = q.new_zeros(*q.shape[:-1], self.table.shape[-1])
+        return {"table": out.index_add_(-1, self._index.to(q.device)[valid], q[..., valid])}

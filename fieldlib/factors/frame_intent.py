@@ -17,6 +17,7 @@ from fieldlib.factors.base import (
     check_log_potential,
     register_factor,
 )
+from fieldlib.factors.beliefs import Beliefs
 from fieldlib.variables import BlockDomain, Variable, VariableArray
 
 __all__ = ["FrameIntent", "component_map"]
@@ -60,6 +61,9 @@ class FrameIntent(Factor):
     def tensors(self):
         return [self.table]
 
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {"table": self.table}
+
     def state_table(self) -> torch.Tensor:
         """``([N,] T, S, N_I)``: the table on the frames' own states."""
         return self.table.index_select(-2, self.state_component.to(self.table.device))
@@ -87,7 +91,7 @@ class FrameIntent(Factor):
         """An einsum spec whose table operand ``ntdi`` drops ``n`` when unbatched."""
         return spec if self.batched else spec.replace("ntdi", "tdi")
 
-    def expected_messages(self, q) -> dict:
+    def expected_messages(self, q: Beliefs) -> dict:
         if not self._finite():
             return super().expected_messages(q)
         out: dict = {}
@@ -99,17 +103,24 @@ class FrameIntent(Factor):
             out[self.intent] = torch.einsum(self._eq("ntd,ntdi->ni"), qc, self.table)
         return out
 
-    def position_energy(self, q) -> dict:
+    def position_energy(self, q: Beliefs) -> dict:
         if not self._finite():
             return super().position_energy(q)
         qc = q.component_marginal(self.frames, self.component)
         e = torch.einsum(self._eq("ntd,ni,ntdi->nt"), qc, q.probs(self.intent), self.table)
         return {self.frames: e}
 
-    def expected_energy(self, q) -> torch.Tensor:
+    def expected_energy(self, q: Beliefs) -> torch.Tensor:
         if not self._finite():
             return super().expected_energy(q)
         return self.position_energy(q)[self.frames].sum(-1)
 
     def couplings(self) -> list:
         return [(v, self.intent) for v in self.frames]
+
+    # -- closed-form gradient (MATH.md §6, Eq. 8) -------------------------------------------
+    def energy_gradient(self, q: Beliefs, form: str = "sequence") -> dict:
+        """``{"table": (N, T, D, N_I)}``: ∂ E_Q[log φXI] / ∂ψ_t(u, I) = Q_t(u) Q_I(I), Q_t
+        on the component (the same in both forms: each term has one frame)."""
+        qc = q.component_marginal(self.frames, self.component)
+        return {"table": torch.einsum("ntd,ni->ntdi", qc, q.probs(self.intent))}

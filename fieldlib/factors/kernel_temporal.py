@@ -19,6 +19,7 @@ from fieldlib.factors.base import (
     check_log_potential,
     register_factor,
 )
+from fieldlib.factors.beliefs import Beliefs
 from fieldlib.factors.frame_intent import component_map
 from fieldlib.kernels import (
     GaussianKernel,
@@ -124,6 +125,10 @@ class KernelTemporal(Factor):
     def tensors(self):
         return [self.mu, self.times]
 
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """``{"mu": µ}`` (the frame times and the kernel are not potentials)."""
+        return {"mu": self.mu}
+
     def kernel_matrix(self) -> torch.Tensor:
         """``([N,] T, T)``: k(t_i, t_j) for i < j, zero on and below the diagonal."""
         k = pairwise_kernel(self.kernel, self.times)
@@ -155,27 +160,52 @@ class KernelTemporal(Factor):
     # FB_i = µᵀ (Σ_{j<i} k(j,i) K_j): two kernel-weighted sums over frames (dense for short
     # sequences, FFT or a bounded window for long ones: fieldlib.kernels.temporal_sums) and
     # two D x D products. Nothing of size T x S or S x S is built.
-    def _sums(self, q):
+    def _sums(self, q: Beliefs):
         qc = q.component_marginal(self.frames, self.component)  # (N, T, D)
-        method = getattr(q, "kernel_method", "auto")
-        past, future = temporal_sums(self.kernel, self.times, qc, method=method)
+        past, future = temporal_sums(self.kernel, self.times, qc,
+                                     method=q.options.kernel_method)
         fa = future @ self.mu.transpose(-1, -2)  # FA_i(a) = Σ_b future_i(b) µ(a, b)
         fb = past @ self.mu  # FB_i(b) = Σ_a past_i(a) µ(a, b)
         return qc, fa, fb
 
-    def expected_messages(self, q) -> dict:
+    def expected_messages(self, q: Beliefs) -> dict:
         if not q.wants(self.frames):
             return {}
         _, fa, fb = self._sums(q)
         return {self.frames: OnComponent(self.component, fa + fb)}
 
-    def expected_energy(self, q) -> torch.Tensor:
+    def expected_energy(self, q: Beliefs) -> torch.Tensor:
         qc, fa, _ = self._sums(q)  # Σ_{i<j} k(i,j) K_iᵀ µ K_j = Σ_i K_i · FA_i
         return (qc * fa).sum((-1, -2))
 
-    def position_energy(self, q) -> dict:
+    def position_energy(self, q: Beliefs) -> dict:
         qc, fa, fb = self._sums(q)  # each pair counted at both of its frames
         return {self.frames: (qc * (fa + fb)).sum(-1)}
 
     def couplings(self) -> list:
         return [tuple(self.frames)]
+
+    # -- closed-form gradient (MATH.md §6, Eq. 9) -------------------------------------------
+    def _batch_kernel(self, n: int) -> torch.Tensor:
+        k = self.kernel_matrix()
+        return k.expand(n, *k.shape[-2:])
+
+    def per_frame_gradient(self, q: Beliefs) -> torch.Tensor:
+        """``(N, T, D, D)``: Eq. 9's rows of frame i on the component,
+        Q_i(a) Σ_{j>i} k(i,j) Q_j(b) + Q_i(b) Σ_{j<i} k(j,i) Q_j(a).
+        Their sum over i is twice Σ_{i<j} k(i,j) Q_i(a) Q_j(b) (MATH.md §6, factor-2 note)."""
+        qc = q.component_marginal(self.frames, self.component)
+        k = self._batch_kernel(q.batch)
+        later = torch.einsum("nij,njb->nib", k, qc)  # Σ_{j>i} k(i,j) Q_j
+        earlier = torch.einsum("nji,nja->nia", k, qc)  # Σ_{j<i} k(j,i) Q_j
+        return (torch.einsum("nia,nib->niab", qc, later)
+                + torch.einsum("nib,nia->niab", qc, earlier))
+
+    def energy_gradient(self, q: Beliefs, form: str = "sequence") -> dict:
+        """``{"mu": (N, D, D)}``: ∂ E_Q[log φXX] / ∂µ(a, b) = Σ_{i<j} k(i,j) Q_i(a) Q_j(b)
+        (``form="sequence"``), or the sum of :meth:`per_frame_gradient`'s rows, twice that
+        (``form="frame"``)."""
+        if form == "frame":
+            return {"mu": self.per_frame_gradient(q).sum(1)}
+        qc = q.component_marginal(self.frames, self.component)
+        return {"mu": torch.einsum("nij,nia,njb->nab", self._batch_kernel(q.batch), qc, qc)}

@@ -7,6 +7,11 @@ axis. ``Table(frames, unary)`` with ``unary`` of shape ``(N, T, S)`` is the per-
 φX of MATH.md §2 for a batch of N videos of T frames.
 
 A :class:`SparseTable` lists the allowed configurations; every other one is ``-inf``.
+
+Both give their mean-field messages for all positions in one einsum, declare themselves as
+one dense table when their scope is stand-alone variables (so the mean-field engine stacks
+many of them, inference/meanfield_stack.py), and give the closed-form gradient of their
+expected log-potential: the product of the scope's marginals (MATH.md §6, Eq. 7).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fieldlib.factors.base import (
     positions,
     register_factor,
 )
+from fieldlib.factors.beliefs import Beliefs, labelled_einsum
 from fieldlib.variables import VariableArray
 
 __all__ = ["Table", "SparseTable"]
@@ -65,6 +71,12 @@ class Table(Factor):
     def tensors(self):
         return [self.log_potential]
 
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {"log_potential": self.log_potential}
+
+    def dense_table(self) -> torch.Tensor | None:
+        return self.log_potential if self.length is None else None
+
     def dense_size(self) -> int:
         return self.log_potential.numel()
 
@@ -79,21 +91,28 @@ class Table(Factor):
         ]
 
     # -- mean-field (see Factor.expected_messages): all positions in one einsum ------------
-    def expected_messages(self, q) -> dict:
+    def expected_messages(self, q: Beliefs) -> dict:
         if self.length is None:
             return super().expected_messages(q)
         return _positionwise_messages(self.scope, self.log_potential, self.batched, q)
 
-    def expected_energy(self, q) -> torch.Tensor:
+    def expected_energy(self, q: Beliefs) -> torch.Tensor:
         if self.length is None:
             return super().expected_energy(q)
         return _positionwise_energy(self.scope, self.log_potential, self.batched, q).sum(-1)
 
-    def position_energy(self, q) -> dict:
+    def position_energy(self, q: Beliefs) -> dict:
         if self.length is None:
             return super().position_energy(q)
         e = _positionwise_energy(self.scope, self.log_potential, self.batched, q)
         return _credit_positions(self.scope, e, q)
+
+    def energy_gradient(self, q: Beliefs, form: str = "sequence") -> dict:
+        """``{"log_potential": (N, [L,] d_1, ..., d_k)}``: ∂ E_Q[log φ] / ∂φ(x) = Π_j Q_j(x_j)
+        (0 on -inf entries, which carry no gradient)."""
+        g = _outer(q, self.scope, self.length)
+        return {"log_potential": g.masked_fill(
+            torch.isneginf(self.log_potential).expand_as(g), 0.0)}
 
 
 @register_factor("sparse_table")
@@ -128,6 +147,12 @@ class SparseTable(Factor):
     def tensors(self):
         return [self.values]
 
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values}
+
+    def dense_table(self) -> torch.Tensor | None:
+        return self.dense() if self.length is None else None
+
     def dense(self) -> torch.Tensor:
         """The equivalent dense table ``([N,] [L,] d1, ..., dk)``, -inf off the list."""
         lead = self.values.shape[:-1]
@@ -155,21 +180,43 @@ class SparseTable(Factor):
         ]
 
     # -- mean-field: through the dense table (exact 0 · (-inf) handling off the list) ------
-    def expected_messages(self, q) -> dict:
+    def expected_messages(self, q: Beliefs) -> dict:
         if self.length is None:
             return super().expected_messages(q)
         return _positionwise_messages(self.scope, self.dense(), self.batched, q)
 
-    def expected_energy(self, q) -> torch.Tensor:
+    def expected_energy(self, q: Beliefs) -> torch.Tensor:
         if self.length is None:
             return super().expected_energy(q)
         return _positionwise_energy(self.scope, self.dense(), self.batched, q).sum(-1)
 
-    def position_energy(self, q) -> dict:
+    def position_energy(self, q: Beliefs) -> dict:
         if self.length is None:
             return super().position_energy(q)
         e = _positionwise_energy(self.scope, self.dense(), self.batched, q)
         return _credit_positions(self.scope, e, q)
+
+    def energy_gradient(self, q: Beliefs, form: str = "sequence") -> dict:
+        """``{"values": (N, [L,] K)}``: ∂ E_Q[log φ] / ∂values(c) = Π_j Q_j(c_j) for each
+        listed configuration c."""
+        g = _outer(q, self.scope, self.length)
+        flat = g.reshape(*g.shape[: g.dim() - len(self.scope)], -1)
+        return {"values": flat.index_select(-1, self._flat.to(flat.device))}
+
+
+def _outer(q: Beliefs, scope, length) -> torch.Tensor:
+    """``(N, [L,] d_1, ..., d_k)``: the product of the scope's marginals (a lone Variable
+    shared by the L positions when the scope holds arrays)."""
+    qs = []
+    for s in scope:
+        p = q.probs(s)
+        if length is not None and not isinstance(s, VariableArray):
+            p = p.unsqueeze(1).expand(q.batch, length, -1)
+        qs.append(p)
+    args: list = []
+    for j, p in enumerate(qs):
+        args += [p, [..., j]]
+    return labelled_einsum(*args, [..., *range(len(qs))])
 
 
 def _slot_probs(scope, q) -> list[torch.Tensor]:
@@ -184,7 +231,7 @@ def _positionwise_messages(scope, table, batched, q) -> dict:
     out: dict = {}
     for a, s in enumerate(scope):
         if q.wants(s):
-            m = expected_log_table(table, qs, keep=a)  # (N, L, d_a)
+            m = expected_log_table(table, qs, keep=a, penalty=q.options.penalty)  # (N, L, d_a)
             m = m if isinstance(s, VariableArray) else m.sum(1)
             out[s] = out[s] + m if s in out else m
     return out
@@ -192,7 +239,8 @@ def _positionwise_messages(scope, table, batched, q) -> dict:
 
 def _positionwise_energy(scope, table, batched, q) -> torch.Tensor:
     table = table if batched else table.unsqueeze(0)
-    return expected_log_table(table, _slot_probs(scope, q)).expand(q.batch, -1)  # (N, L)
+    e = expected_log_table(table, _slot_probs(scope, q), penalty=q.options.penalty)
+    return e.expand(q.batch, -1)  # (N, L)
 
 
 def _credit_positions(scope, e: torch.Tensor, q) -> dict:
