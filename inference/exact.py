@@ -64,15 +64,15 @@ class BruteForce(Engine):
         self.max_states = int(max_states)
 
     def run(self, graph, evidence, *, marginals, factor_marginals, map):
-        prep = prepare(graph, evidence, probes=False, factor_marginals=factor_marginals,
-                       max_probe_elements=self.max_states, engine="brute force")
-        free = prep.free
-        states = math.prod(v.cardinality for v in free)
-        if states > self.max_states:
+        observed = graph.evidence(evidence) if graph.variables else {}
+        states = math.prod(v.cardinality for v in graph.variables.values() if v not in observed)
+        if states > self.max_states:  # before anything of that size is allocated
             raise TooLargeError(
                 f"brute force would enumerate {states:,} joint states, above max_states="
                 f"{self.max_states:,}; use the 'exact' engine (variable elimination)"
             )
+        prep = prepare(graph, evidence, probes=False, factor_marginals=factor_marginals)
+        free = prep.free
         position = {graph.index(v): k for k, v in enumerate(free)}
         n = len(free)
         joint = torch.zeros((prep.batch, *(v.cardinality for v in free)), dtype=prep.dtype,
@@ -91,7 +91,9 @@ class BruteForce(Engine):
             check_finite(prep, log_z)
             var_marg = None
             if marginals:
-                p = torch.exp(joint - log_z.view(-1, *[1] * n)).detach()
+                # softmax, not exp(joint - log Z): at scores near the dtype's max, log Z
+                # rounds to the largest score and exp would give every top state 1
+                p = torch.softmax(flat.detach(), -1).reshape(joint.shape)
                 var_marg = {}
                 for k, v in enumerate(free):
                     others = [1 + a for a in range(n) if a != k]
