@@ -51,6 +51,7 @@ from fieldlib.factors.beliefs import MessageOptions, OnComponent
 from .base import Engine, Result, register_engine
 from .meanfield_stack import Constraints, TableStack, stack_tables
 from .meanfield_state import Layout, MeanFieldState
+from .prepare import compute_dtype
 
 __all__ = ["InfeasibleWarning", "MeanField", "MeanFieldWarning", "NotConvergedWarning"]
 
@@ -170,7 +171,7 @@ class MeanField(Engine):
         layout = Layout(graph)
         ev = graph.evidence(evidence)
         n, batched = graph.batch_of(ev)
-        dtype, device = graph.dtype, graph.device
+        dtype, device = compute_dtype(graph.dtype), graph.device  # half precision: float32
         state = MeanFieldState(layout, n, dtype, device,
                                MessageOptions(kernel_method=self.kernel_method))
         free, clamp = self._masks(graph, layout, ev, n, device)
@@ -226,6 +227,7 @@ class MeanField(Engine):
                     converged = True
                     break
         elbo = self._elbo(units, state)  # differentiable in the potentials, Q held fixed
+        _check_range(elbo, state, dtype)
         result = Result(engine=self.name, elbo=_squeeze(elbo, batched), trace=trace)
         if marginals:
             result.marginals = _marginals(graph, layout, state, batched)
@@ -235,6 +237,7 @@ class MeanField(Engine):
                        "replaced_steps": replaced,
                        "schedule": self.schedule, "damping": self.damping,
                        "damping_space": self.damping_space, "phases": len(phases),
+                       "compute_dtype": str(dtype).removeprefix("torch."),
                        "seconds": time.perf_counter() - t0}
         self._warn(result, feasible, converged, batched)
         return result
@@ -555,6 +558,19 @@ def _units(factors, layout):
     """The factors, with small tables over stand-alone variables stacked."""
     stacks, rest = stack_tables(factors, layout)
     return stacks + rest
+
+
+def _check_range(elbo, state, dtype):
+    """A NaN or +inf ELBO, or a NaN in Q, can only come from scores beyond the dtype's range
+    (inf - inf): refuse as the exact engines do (prepare.check_range) instead of returning
+    it."""
+    bad = bool(torch.isnan(elbo).any() or torch.isposinf(elbo).any())
+    bad = bad or any(bool(torch.isnan(q).any()) for q in state.q)
+    if bad:
+        raise FieldlibError(
+            f"the log-potentials are too large for the range of "
+            f"{str(dtype).removeprefix('torch.')}: mean-field's energies overflow (inf - inf); "
+            f"rescale the potentials or use a wider dtype")
 
 
 def _in_dtype(factor, dtype):

@@ -375,3 +375,22 @@ def test_batched_constant_table_over_no_variable():
           Table([], torch.tensor([0.5, -1.0], dtype=F64)))
     r = _meanfield(g)
     assert torch.allclose(r.elbo, get_engine("exact")(g).log_z, atol=1e-12)
+
+
+def test_half_precision_tables_are_computed_in_float32():
+    """As the exact engines: float16 / bfloat16 tables are upcast, and say so."""
+    import torch
+
+    from fieldlib import FactorGraph, Table
+    from fieldlib.inference import get_engine
+
+    for dtype in (torch.float16, torch.bfloat16):
+        g = FactorGraph()
+        x, y = g.variable("x", 3), g.variable("y", 3)
+        g.add(Table(x, torch.tensor([0.0, 2.0, -1.0], dtype=dtype)),
+              Table([x, y], torch.tensor([[1.0, 0, 0], [0, 1.5, 0], [0, 0, 1]], dtype=dtype)))
+        r = get_engine("meanfield")(g)
+        exact = get_engine("exact")(g)
+        assert r.info["compute_dtype"] == "float32" and r.elbo.dtype == torch.float32
+        assert float(r.elbo) <= float(exact.log_z) + 1e-5
+        assert abs(float(r.marginals["x"].sum()) - 1.0) < 1e-6
