@@ -19,6 +19,8 @@ from .base import (
 from .exact import BruteForce, VariableElimination
 from .losses import closed_form_gradients, exact_nll, meanfield_loss
 from .meanfield import InfeasibleWarning, MeanField, MeanFieldWarning, NotConvergedWarning
+from .messages import Incoming, MessageStore, MessageStoreError, merge_state_dicts
+from .messages_distributed import DistributedMessageStore
 
 __all__ = [
     "Engine",
@@ -38,4 +40,9 @@ __all__ = [
     "exact_nll",
     "meanfield_loss",
     "closed_form_gradients",
+    "MessageStore",
+    "DistributedMessageStore",
+    "Incoming",
+    "MessageStoreError",
+    "merge_state_dicts",
 ]
