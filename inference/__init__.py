@@ -1,11 +1,15 @@
 """Inference engines (``fieldlib.inference``), interchangeable through one interface.
 
 ``get_engine(name, **options)`` builds one by name or spec string: ``exact`` (variable
-elimination), ``bruteforce`` (enumeration oracle), ``meanfield`` (structured mean-field);
+elimination), ``bruteforce`` (enumeration oracle), ``meanfield`` (structured mean-field),
+``async`` (asynchronous mean-field with a message store, Algorithm 1; ``asynchronous_step``
+is Algorithm 2);
 ``get_engine("meanfield[schedule=synchronous,damping=0.5]")`` sets options libDAI-style, and
 ``engine_options(name)`` lists what an engine takes.
 """
 
+from .asynchronous import AsynchronousMeanField
+from .asynchronous_step import AsyncStep, asynchronous_step
 from .base import (
     Engine,
     Option,
@@ -34,6 +38,9 @@ __all__ = [
     "BruteForce",
     "VariableElimination",
     "MeanField",
+    "AsynchronousMeanField",
+    "asynchronous_step",
+    "AsyncStep",
     "MeanFieldWarning",
     "InfeasibleWarning",
     "NotConvergedWarning",

@@ -1,0 +1,182 @@
+"""Stored messages: how a coupled factor takes part in asynchronous mean-field (MATH.md §4-5).
+
+In asynchronous training (Algorithm 2) and the ``async`` engine (Algorithm 1) a frame does
+not see the other frames of its sequence; it sees the messages they sent earlier, combined
+by a message store (Eq. 10). A coupled factor type joins through two small objects, each a
+:class:`StoredCoupling` over a batch of B frames of S states:
+
+* what a frame SENDS: :meth:`StoredCoupling.send` -> ``{field: (B, *shape)}``, the fields
+  declared by :meth:`StoredCoupling.fields` (``{field: (shape, temporal)}``; a temporal
+  field is read kernel-weighted as ``past``/``future``, the others as ``total``);
+* how the INCOMING ones combine into frame i's update: :meth:`StoredCoupling.frame_message`
+  -> ``(B, S)`` added to log Q_i (Eq. 5), and for a factor with a latent variable of its
+  own (the intent) :meth:`StoredCoupling.latent_logits` -> ``(B, N_I)`` (Eq. 6);
+* its per-frame surrogate energy :meth:`StoredCoupling.frame_energy` -> ``(B,)``: with Q
+  held fixed its autograd gradient is the factor's Eq. 7-9 row of the frame.
+
+:func:`stored_coupling` returns a factor's coupling: the factor's own ``stored_coupling()``
+method when it has one (a user's type), else the default for its type (``KernelTemporal``:
+:class:`TemporalCoupling`, ``FrameIntent``: :class:`IntentCoupling`). docs/asynchronous.md
+describes the protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from fieldlib.errors import FieldlibError
+
+__all__ = ["StoredCoupling", "TemporalCoupling", "IntentCoupling", "stored_coupling",
+           "supports_stored_messages"]
+
+
+@runtime_checkable
+class StoredCoupling(Protocol):
+    """What a coupled factor type provides for stored messages (module docstring)."""
+
+    def fields(self) -> dict[str, tuple[tuple[int, ...], bool]]: ...
+
+    def send(self, q: torch.Tensor, label: torch.Tensor | None, **params) -> dict: ...
+
+
+def _project(q: torch.Tensor, component: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, D)``: Q ``(B, S)`` summed onto the component values ``component (S,)``."""
+    out = q.new_zeros(q.shape[0], size)
+    return out.index_add_(1, component.to(q.device), q)
+
+
+def _onehot(label: torch.Tensor, component: torch.Tensor, size: int, like: torch.Tensor):
+    """``(B, D)``: onehot of the labels' component values."""
+    c = component.to(label.device)[label]
+    return torch.nn.functional.one_hot(c, size).to(like.dtype)
+
+
+class TemporalCoupling:
+    """KernelTemporal's stored messages (MATH.md §4): a frame sends K_j (its marginal on the
+    component µ acts on) and K*_j (the onehot of its label there); incoming past/future sums
+    give FA_i = µ future_i, FB_i = µᵀ past_i with the CURRENT µ (Eq. 5 / Eq. 12-13).
+
+    Args:
+        component: ``LongTensor (S,)``: each frame state's component value.
+        size: D, the component's cardinality.
+    """
+
+    def __init__(self, component: torch.Tensor, size: int):
+        self.component, self.size = component, int(size)
+
+    def fields(self) -> dict:
+        return {"K": ((self.size,), True), "K_star": ((self.size,), True)}
+
+    def send(self, q, label=None, **params) -> dict:
+        """``{"K": (B, D), "K_star": (B, D)}`` (K_star zero without labels)."""
+        k = _project(q, self.component, self.size)
+        ks = k.new_zeros(k.shape) if label is None else _onehot(label, self.component,
+                                                                self.size, k)
+        return {"K": k, "K_star": ks}
+
+    def frame_message(self, incoming, *, mu) -> torch.Tensor:
+        """``(B, S)``: FA_i + FB_i on the frame's states; ``mu ([B,] D, D)``."""
+        fa, fb = incoming.kernel_messages(mu, "K")
+        return (fa + fb).index_select(1, self.component.to(fa.device))
+
+    def frame_energy(self, q, label, incoming, *, mu) -> torch.Tensor:
+        """``(B,)``: Σ_a K_i(a) (FA_i + FB_i)(a) - the same for K*_i, K*_j; its gradient in µ
+        is Eq. 9's row of frame i: Q_i(a) Σ_{j>i} k Q_j(b) + Q_i(b) Σ_{j<i} k Q_j(a) minus
+        the label term. ``q`` and the stored sums are constants here."""
+        fa, fb = incoming.kernel_messages(mu, "K")
+        fas, fbs = incoming.kernel_messages(mu, "K_star")
+        k = _project(q, self.component, self.size).to(fa.dtype)
+        ks = _onehot(label, self.component, self.size, fa)
+        return (k * (fa + fb)).sum(-1) - (ks * (fas + fbs)).sum(-1)
+
+
+class IntentCoupling:
+    """FrameIntent's stored messages (MATH.md §4): a frame sends H_j(I) = E_{Q_j} ψ_j(U, I)
+    and H*_j(I) = ψ_j(x*_j, I); the reading frame's intent update is
+    Q_I ∝ exp(Σ_{j≠i} H_j + H_i) (Eq. 6), its message to Q_i is Σ_I Q_I(I) ψ_i(x, I) (Eq. 5),
+    and the target P(I | x*) = softmax(Σ_{j≠i} H*_j + H*_i) (Eq. 8).
+
+    Args:
+        component: ``LongTensor (S,)``: each frame state's value of the table's component.
+        size: D, that component's cardinality; ``intents``: N_I.
+
+    The per-frame table ``table (B, D, N_I)`` must be finite.
+    """
+
+    def __init__(self, component: torch.Tensor, size: int, intents: int):
+        self.component, self.size, self.intents = component, int(size), int(intents)
+
+    def fields(self) -> dict:
+        return {"H": ((self.intents,), False), "H_star": ((self.intents,), False)}
+
+    def _own(self, q, table):
+        return torch.einsum("bd,bdi->bi", _project(q, self.component, self.size).to(table.dtype),
+                            table)
+
+    def _star(self, label, table):
+        c = self.component.to(label.device)[label]
+        return table[torch.arange(label.shape[0], device=label.device), c]
+
+    def send(self, q, label=None, *, table) -> dict:
+        """``{"H": (B, N_I), "H_star": (B, N_I)}`` (H_star zero without labels)."""
+        h = self._own(q, table)
+        hs = h.new_zeros(h.shape) if label is None else self._star(label, table)
+        return {"H": h, "H_star": hs}
+
+    def latent_logits(self, incoming, q, *, table) -> torch.Tensor:
+        """``(B, N_I)``: Σ_{j≠i} H_j (stored) + H_i (this frame's Q_i): log Q_I up to a
+        constant (Eq. 6)."""
+        return incoming.total["H"].to(table.dtype) + self._own(q, table)
+
+    def target_latent(self, incoming, label, *, table) -> torch.Tensor:
+        """``(B, N_I)``: P(I | x*) = softmax_I(Σ_{j≠i} H*_j + ψ_i(x*_i, I)) (Eq. 8)."""
+        return torch.softmax(incoming.total["H_star"].to(table.dtype)
+                             + self._star(label, table), -1)
+
+    def frame_message(self, q_latent, *, table) -> torch.Tensor:
+        """``(B, S)``: Σ_I Q_I(I) ψ_i(c(x), I) on the frame's states."""
+        m = torch.einsum("bdi,bi->bd", table, q_latent.to(table.dtype))
+        return m.index_select(1, self.component.to(m.device))
+
+    def frame_energy(self, q, q_latent, label, target_latent, *, table) -> torch.Tensor:
+        """``(B,)``: Σ_{u,I} (Q_i(u) Q_I(I) - 1[u = c(x*_i)] P(I | x*)) ψ_i(u, I); its
+        gradient in ψ_i is Eq. 8's row (Q, Q_I, P(I | x*) constants)."""
+        qc = _project(q, self.component, self.size).to(table.dtype)
+        ks = _onehot(label, self.component, self.size, table)
+        w = qc[:, :, None] * q_latent[:, None, :] - ks[:, :, None] * target_latent[:, None, :]
+        return (w * table).sum((-1, -2))
+
+
+def _default(factor):
+    from fieldlib.factors.frame_intent import FrameIntent
+    from fieldlib.factors.kernel_temporal import KernelTemporal
+
+    if isinstance(factor, KernelTemporal):
+        return TemporalCoupling(factor.state_component, factor.component_size)
+    if isinstance(factor, FrameIntent):
+        return IntentCoupling(factor.state_component, factor.component_size,
+                              factor.intent.cardinality)
+    return None
+
+
+def stored_coupling(factor):
+    """The factor's :class:`StoredCoupling`: its own ``stored_coupling()`` when it defines
+    one, else the built-in default for its type, else None (the factor cannot take part in
+    asynchronous mean-field)."""
+    own = getattr(factor, "stored_coupling", None)
+    if callable(own):
+        return own()
+    return _default(factor)
+
+
+def supports_stored_messages(factor) -> bool:
+    """Whether :func:`stored_coupling` knows the factor."""
+    return stored_coupling(factor) is not None
+
+
+def check_finite_table(table: torch.Tensor, what: str) -> None:
+    """Stored intent messages need a finite φXI (a -inf entry times Q = 0 would be NaN)."""
+    if not bool(torch.isfinite(table).all()):
+        raise FieldlibError(f"{what}: φXI must be finite for stored messages (H_j = E_Q φXI)")

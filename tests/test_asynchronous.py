@@ -1,0 +1,164 @@
+"""Asynchronous mean-field (MATH.md §5): Algorithm 2's step and Algorithm 1's engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fieldlib.cli import main
+from fieldlib.errors import FieldlibError
+from fieldlib.factors import Component, FrameIntent, KernelTemporal
+from fieldlib.factors.stored import stored_coupling
+from fieldlib.inference import MessageStore, asynchronous_step, get_engine
+from fieldlib.inference.check import toy_temporal_field
+from fieldlib.inference.losses import closed_form_gradients, per_frame_mu_gradient
+from fieldlib.io import TableModel, write_fg, write_uai
+
+F64 = torch.float64
+
+
+def _parts(g):
+    kt = next(f for f in g.factors if isinstance(f, KernelTemporal))
+    fi = next(f for f in g.factors if isinstance(f, FrameIntent))
+    unary = sum(torch.stack([t.table for t in f.terms()]) for f in g.factors
+                if isinstance(f, Component))  # (T, S) φX of each frame
+    return kt, fi, unary
+
+
+def _fresh_store(g, free, labels, capacity=None):
+    """A store holding every frame's message from the CURRENT marginals (d = 1, h = n)."""
+    kt, fi, _ = _parts(g)
+    t = kt.frames.size
+    store = MessageStore.temporal_field(kt.component_size, fi.intent.cardinality,
+                                        capacity=capacity or t, kernel=kt.kernel,
+                                        discount=1.0, scale="count", dtype=F64)
+    with torch.no_grad():
+        m = dict(stored_coupling(kt).send(free["x"], labels["x"]))
+        m.update(stored_coupling(fi).send(free["x"], labels["x"], table=fi.table.detach()))
+    store.write([0] * t, torch.arange(t), kt.times, m, 0)
+    return store
+
+
+def _grads(scalar, params):
+    names = list(params)
+    gs = torch.autograd.grad(scalar, [params[k] for k in names], allow_unused=True,
+                             retain_graph=True)
+    return {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(names, gs)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fresh_messages_give_the_closed_form_rows_of_each_frame(seed):
+    g, params, labels = toy_temporal_field(seed, frames=4)
+    mf = get_engine("meanfield", schedule="sequential", tol=1e-14, max_iter=5000)
+    free, target = mf(g).marginals, mf(g, labels).marginals
+    kt, fi, unary = _parts(g)
+    store = _fresh_store(g, free, labels)
+    closed = closed_form_gradients(g, free, target, form="frame", l2_intent=0.01)
+    mu_rows = (per_frame_mu_gradient(kt, free, 1) - per_frame_mu_gradient(kt, target, 1))[0]
+    x = labels["x"]
+    for i in range(kt.frames.size):
+        step = asynchronous_step(store, [0], [i], kt.times[i:i + 1], unary[i:i + 1],
+                                 x[i:i + 1], mu=kt.mu, mu_component=kt.state_component,
+                                 phi_xi=fi.table[i:i + 1], xi_component=fi.state_component,
+                                 inner_iterations=200, l2_intent=0.01, write=False)
+        assert torch.allclose(step.q[0], free["x"][i], atol=1e-12)
+        assert torch.allclose(step.q_intent[0], free["I"], atol=1e-12)
+        got = _grads(step.loss, params)
+        for k in params:
+            if k == "mu.mu":
+                ref, mine = mu_rows[i], got[k]
+            else:
+                ref, mine = closed[k][i], got[k][i]
+                other = torch.cat([got[k][:i], got[k][i + 1:]])
+                assert float(other.abs().max()) == 0.0, k  # only frame i's rows
+            assert float((ref - mine).abs().max()) < 1e-12, (i, k)
+    # the whole sequence as one batch: the sum of the rows, i.e. form="frame"
+    t = kt.frames.size
+    step = asynchronous_step(store, [0] * t, torch.arange(t), kt.times, unary, x, mu=kt.mu,
+                             mu_component=kt.state_component, phi_xi=fi.table,
+                             xi_component=fi.state_component, inner_iterations=200,
+                             l2_intent=0.01, write=False)
+    got = _grads(step.loss, params)
+    for k in params:
+        assert float((closed[k] - got[k]).abs().max()) < 1e-12, k
+
+
+def test_step_writes_its_outgoing_messages_after_reading():
+    g, params, labels = toy_temporal_field(0, frames=3)
+    kt, fi, unary = _parts(g)
+    store = MessageStore.temporal_field(kt.component_size, fi.intent.cardinality,
+                                        kernel=kt.kernel, dtype=F64)
+    step = asynchronous_step(store, ["v", "v"], [0, 2], kt.times[[0, 2]], unary[[0, 2]],
+                             labels["x"][[0, 2]], mu=kt.mu, mu_component=kt.state_component,
+                             phi_xi=fi.table[[0, 2]], xi_component=fi.state_component)
+    assert int(step.incoming.n_total.sum()) == 0  # first pass: nothing stored yet
+    assert step.iteration == 0 and store.iteration == 0
+    stored = store.messages("v")
+    assert stored["frame"].tolist() == [2, 0]
+    assert not any(t.requires_grad for t in step.messages.values())
+    assert torch.allclose(stored["K"][1], step.messages["K"][0])
+    step.loss.backward()
+    assert all(p.grad is not None for p in params.values())
+    again = asynchronous_step(store, ["v"], [1], kt.times[1:2], unary[1:2], labels["x"][1:2],
+                              mu=kt.mu, mu_component=kt.state_component, phi_xi=fi.table[1:2],
+                              xi_component=fi.state_component)
+    assert int(again.incoming.n_past[0]) == 1 and int(again.incoming.n_future[0]) == 1
+    assert again.iteration == 1
+    assert set(again.timings) == {"read", "update", "loss", "write"}
+
+
+def _weak(seed, frames=5):
+    g, params, labels = toy_temporal_field(seed, frames=frames)
+    with torch.no_grad():  # weak coupling: one fixed point
+        params["mu.mu"].mul_(0.3)
+        params["phi_xi.table"].mul_(0.3)
+    return g, params, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("order", ["forward", "random"])
+def test_engine_reaches_the_meanfield_fixed_point(seed, order):
+    g, _, labels = _weak(seed)
+    mf = get_engine("meanfield", schedule="sequential", tol=1e-14, max_iter=5000)
+    eng = get_engine("async", order=order, tol=1e-12)
+    for evidence in (None, labels):
+        a, m = eng(g, evidence), mf(g, evidence)
+        assert a.info["converged"]
+        for k in m.marginals:
+            assert float((a.marginals[k] - m.marginals[k]).abs().max()) < 1e-6, k
+        assert abs(float(a.elbo.detach()) - float(m.elbo.detach())) < 1e-6
+
+
+def test_engine_with_discount_is_an_approximation_and_runs():
+    g, _, _ = _weak(0)
+    r = get_engine("async[discount=0.9,capacity=3,passes=5]")(g)
+    assert torch.allclose(r.marginals["x"].sum(-1), torch.ones(5, dtype=F64))
+    assert r.info["passes"] == 5 or r.info["converged"]
+
+
+def test_engine_refuses_a_graph_without_sequences():
+    from fieldlib.graph import FactorGraph
+
+    g = FactorGraph(dtype=F64)
+    a, b = g.variable("a", 2), g.variable("b", 2)
+    from fieldlib.factors import Table
+
+    g.add(Table((a, b), torch.zeros(2, 2, dtype=F64)))
+    with pytest.raises(FieldlibError, match="meanfield, exact or bruteforce"):
+        get_engine("async")(g)
+
+
+@pytest.mark.parametrize("suffix", ["uai", "fg"])
+def test_cli_async_on_a_model_file_is_one_line(capsys, tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    cards, scopes = [2, 3], [(0,), (0, 1)]
+    model = TableModel(cards, scopes, [rng.random(tuple(cards[v] for v in s)) + 0.1
+                                       for s in scopes])
+    path = tmp_path / f"m.{suffix}"
+    (write_uai if suffix == "uai" else write_fg)(path, model)
+    code = main(["infer", str(path), "--task", "MAR", "--engine", "async"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.strip().split("\n")
+    assert len(lines) == 1 and "async" in lines[0] and "meanfield" in lines[0], err
