@@ -54,6 +54,7 @@ class FactorGraph:
         self.factors: list[Factor] = []
         self.batch_size: int | None = None
         self._index: dict[str, int] = {}  # variable name -> position in self.variables
+        self._standalone: dict[str, Variable] = {}  # added on their own, not by an array
 
     # -- building -------------------------------------------------------------------------
     def variable(self, name: str, domain) -> Variable:
@@ -71,6 +72,7 @@ class FactorGraph:
                 self._add_array(item)
             elif isinstance(item, Variable):
                 self._add_variable(item)
+                self._standalone[item.name] = item
             elif isinstance(item, Factor):
                 self._add_factor(item)
             elif isinstance(item, Iterable):
@@ -132,6 +134,11 @@ class FactorGraph:
                 )
 
     # -- queries --------------------------------------------------------------------------
+    def standalone_variables(self) -> list[Variable]:
+        """The variables added on their own (not through an array), in insertion order:
+        what an engine pools, without a pass over every array position."""
+        return list(self._standalone.values())
+
     def index(self, v: Variable) -> int:
         """Position of ``v`` in :attr:`variables` (keyed by name, so a copy of the graph made
         with ``copy.deepcopy``, ``pickle`` or ``torch.save`` indexes its own variables).

@@ -15,7 +15,8 @@ import torch
 
 from fieldlib.errors import FieldlibError, ShapeError
 
-__all__ = ["GaussianKernel", "KernelSum", "as_kernel", "temporal_sums", "kernel_radius"]
+__all__ = ["GaussianKernel", "KernelSum", "TemporalSums", "as_kernel", "temporal_sums",
+           "kernel_radius"]
 
 
 class GaussianKernel:
@@ -186,22 +187,27 @@ def _is_uniform(times: torch.Tensor) -> bool:
     return bool(((t - grid).abs() <= 1e-9 * scale).all())
 
 
-def _sums_dense(kernel, times, values):
-    k = torch.triu(pairwise_kernel(kernel, times).to(values.dtype), diagonal=1)
-    return k.transpose(-1, -2) @ values, k @ values
+def _dense_matrix(kernel, times, dtype):
+    """``(B, T, T)``: k(t_i, t_j) for i < j, zero on and below the diagonal."""
+    return torch.triu(pairwise_kernel(kernel, times).to(dtype), diagonal=1)
 
 
-def _sums_fft(kernel, times, values):
-    n = values.shape[-2]
+def _fft_spectrum(kernel, times, n, dtype):
+    """``(spectrum (B, 1, F), size)``: the FFT of the kernel at lags 0..T-1 (0 at lag 0, which
+    is no pair), zero-padded to a linear (not circular) convolution."""
     step = (times[:, -1:] - times[:, :1]) / max(n - 1, 1)  # (B, 1)
     lags = torch.arange(n, dtype=times.dtype, device=times.device)
-    h = kernel(lags * step).to(values.dtype)  # (B, T): k at lag d
-    h = torch.cat([torch.zeros_like(h[:, :1]), h[:, 1:]], dim=-1)  # lag 0 is no pair
-    size = 1 << (2 * n - 1).bit_length()  # no wrap-around: linear, not circular
-    hf = torch.fft.rfft(h, size)[:, None, :]  # (B, 1, F)
+    h = kernel(lags * step).to(dtype)  # (B, T): k at lag d
+    h = torch.cat([torch.zeros_like(h[:, :1]), h[:, 1:]], dim=-1)
+    size = 1 << (2 * n - 1).bit_length()
+    return torch.fft.rfft(h, size)[:, None, :], size
+
+
+def _sums_fft(spectrum, size, values):
+    n = values.shape[-2]
     vf = torch.fft.rfft(values.transpose(-1, -2).contiguous(), size)  # (N, D, F)
     # past: convolution with h; future: correlation with h (conjugate spectrum)
-    both = torch.fft.irfft(torch.stack([vf * hf, vf * hf.conj()]), size)[..., :n]
+    both = torch.fft.irfft(torch.stack([vf * spectrum, vf * spectrum.conj()]), size)[..., :n]
     return both[0].transpose(-1, -2), both[1].transpose(-1, -2)
 
 
@@ -239,6 +245,64 @@ def _sums_banded(kernel, times, values, radius):
     return past, future
 
 
+class TemporalSums:
+    """The kernel-weighted sums of :func:`temporal_sums` for fixed frame times, with what does
+    not depend on the values computed once: the method, the dense kernel matrix, the FFT
+    spectrum of the kernel, the band radius. A mean-field run builds one per factor and
+    applies it every pass.
+
+    Args:
+        kernel, times ``([N,] T)``, method, tol: as for :func:`temporal_sums`.
+        dtype: the dtype of the values it will be applied to (default: the times').
+
+    Calling it on values ``(N, T, D)`` returns ``(past, future)`` as :func:`temporal_sums`.
+
+    Raises:
+        FieldlibError: an unknown method, fft on non-uniform times, or banded with a kernel
+            whose decay is unknown (use uniform times or a Gaussian kernel).
+    """
+
+    def __init__(self, kernel, times: torch.Tensor, method: str = "auto",
+                 tol: float = BANDED_TOL, dtype=None):
+        times = times if times.dim() == 2 else times.unsqueeze(0)
+        n = times.shape[-1]
+        dtype = dtype or times.dtype
+        self.kernel, self.times, self.frames = kernel, times, n
+        if method == "auto":
+            if n <= DENSE_MAX_FRAMES:
+                method = "dense"
+            elif _is_uniform(times):
+                method = "fft"
+            elif kernel_radius(kernel, n, tol) is not None:
+                method = "banded"
+            else:
+                method = "dense"
+        elif method == "fft" and not _is_uniform(times):
+            raise FieldlibError("the fft method needs uniformly spaced frame times")
+        self.method = method
+        if method == "dense":
+            self._k = _dense_matrix(kernel, times, dtype)
+            self._kt = self._k.transpose(-1, -2)
+        elif method == "fft":
+            self._spectrum, self._size = _fft_spectrum(kernel, times, n, dtype)
+        elif method == "banded":
+            self._radius = kernel_radius(kernel, n, tol)
+            if self._radius is None:
+                raise FieldlibError(
+                    f"the banded method needs a kernel of known decay (Gaussian), got "
+                    f"{kernel!r}")
+        else:
+            raise FieldlibError(
+                f"unknown kernel-sum method {method!r}; use auto, dense, fft, banded")
+
+    def __call__(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method == "dense":
+            return self._kt @ values, self._k @ values
+        if self.method == "fft":
+            return _sums_fft(self._spectrum, self._size, values)
+        return _sums_banded(self.kernel, self.times, values, self._radius)
+
+
 def temporal_sums(kernel, times: torch.Tensor, values: torch.Tensor, method: str = "auto",
                   tol: float = BANDED_TOL) -> tuple[torch.Tensor, torch.Tensor]:
     """``(past, future)``, each ``(N, T, D)``: the kernel-weighted sums over earlier and later
@@ -253,28 +317,4 @@ def temporal_sums(kernel, times: torch.Tensor, values: torch.Tensor, method: str
         FieldlibError: an unknown method, fft on non-uniform times, or banded with a kernel
             whose decay is unknown (use uniform times or a Gaussian kernel).
     """
-    n = values.shape[-2]
-    times = times if times.dim() == 2 else times.unsqueeze(0)
-    if method == "auto":
-        if n <= DENSE_MAX_FRAMES:
-            method = "dense"
-        elif _is_uniform(times):
-            method = "fft"
-        elif kernel_radius(kernel, n, tol) is not None:
-            method = "banded"
-        else:
-            method = "dense"
-    if method == "dense":
-        return _sums_dense(kernel, times, values)
-    if method == "fft":
-        if not _is_uniform(times):
-            raise FieldlibError("the fft method needs uniformly spaced frame times")
-        return _sums_fft(kernel, times, values)
-    if method == "banded":
-        radius = kernel_radius(kernel, n, tol)
-        if radius is None:
-            raise FieldlibError(
-                f"the banded method needs a kernel of known decay (Gaussian), got {kernel!r}"
-            )
-        return _sums_banded(kernel, times, values, radius)
-    raise FieldlibError(f"unknown kernel-sum method {method!r}; use auto, dense, fft, banded")
+    return TemporalSums(kernel, times, method, tol, values.dtype)(values)

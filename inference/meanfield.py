@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fieldlib.errors import FieldlibError, UnsupportedQueryError, ZeroProbabilityError
-from fieldlib.factors.beliefs import MessageOptions, OnComponent
+from fieldlib.factors.beliefs import MessageOptions, OnComponent, any_neginf
 
 from .base import Engine, Result, register_engine
 from .meanfield_stack import Constraints, TableStack, stack_tables
@@ -194,6 +194,7 @@ class MeanField(Engine):
             trace = []
             converged, replaced = False, 0
             guard = hard and self.schedule == "synchronous"
+            t_setup = time.perf_counter()
             for it in range(self.max_iter):
                 damping = self.damping
                 if it == 0 and bool(restarted.any()) and damping > 0:
@@ -226,6 +227,7 @@ class MeanField(Engine):
                 if self.tol > 0 and float(change.max()) < self.tol:
                     converged = True
                     break
+        t_sweeps = time.perf_counter()
         elbo = self._elbo(units, state)  # differentiable in the potentials, Q held fixed
         _check_range(elbo, state, dtype)
         result = Result(engine=self.name, elbo=_squeeze(elbo, batched), trace=trace)
@@ -238,7 +240,8 @@ class MeanField(Engine):
                        "schedule": self.schedule, "damping": self.damping,
                        "damping_space": self.damping_space, "phases": len(phases),
                        "compute_dtype": str(dtype).removeprefix("torch."),
-                       "seconds": time.perf_counter() - t0}
+                       "seconds": time.perf_counter() - t0,
+                       "setup_seconds": t_setup - t0, "sweep_seconds": t_sweeps - t_setup}
         self._warn(result, feasible, converged, batched)
         return result
 
@@ -281,41 +284,59 @@ class MeanField(Engine):
 
     @staticmethod
     def _phases(layout, coupled, schedule):
-        """``[(groups {g: position mask or None}, factors)]`` making one sweep."""
+        """``[(groups {g: position mask or None}, factors)]`` making one sweep. The
+        synchronous schedule needs only the groups each factor touches (read off its scope,
+        no per-position work); the sequential one colours the variables."""
+        if schedule == "synchronous":
+            touch = [_groups_of(f, layout) for f in coupled]
+            arrays = {g.index: None for g in layout.groups if g.array is not None}
+            pools = {g.index: None for g in layout.groups if g.array is None}
+            phases = []
+            for groups in (arrays, pools):
+                if groups:
+                    fs = [f for f, gs in zip(coupled, touch) if gs & groups.keys()]
+                    phases.append((groups, fs))
+            return phases
         touch = []  # per factor: set of (g, pos)
         for f in coupled:
             atoms = set()
             for clique in f.couplings():
                 atoms.update(layout.where[v] for v in clique)
             touch.append(atoms)
-        if schedule == "synchronous":
-            arrays = {g.index: None for g in layout.groups if g.array is not None}
-            pools = {g.index: None for g in layout.groups if g.array is None}
-            phases = []
-            for groups in (arrays, pools):
-                if groups:
-                    fs = [f for f, atoms in zip(coupled, touch)
-                          if any(a[0] in groups for a in atoms)]
-                    phases.append((groups, fs))
-            return phases
         return _colour_phases(layout, coupled, touch)
 
     @staticmethod
-    def _collect(factors, state, layout, groups=None) -> dict:
-        """Sum of the factors' messages per group ``(N, L, d)`` (only ``groups`` if given)."""
-        acc: dict[int, torch.Tensor] = {}
-        on_comp: dict[tuple[int, str], torch.Tensor] = {}
+    def _collect(factors, state, layout, groups=None, base=None) -> dict:
+        """Sum of the factors' messages per group ``(N, L, d)`` (only ``groups`` if given),
+        plus ``base[g]`` (e.g. the constant messages) where given. A tensor a factor returns
+        is never written: the first sum makes a new one, later ones add into it. Messages
+        on a component are summed there and gathered onto the states once per group."""
+        acc: dict = {}
+        on_comp: dict = {}
+        mine: set = set()  # keys of tensors this call made (in-place adds allowed)
 
-        def buffer(store, key, shape_like):
-            if key not in store:
-                store[key] = state.q[key if isinstance(key, int) else key[0]].new_zeros(
-                    shape_like)
-            return store[key]
+        def add(store, key, m):
+            cur = store.get(key)
+            if cur is None:
+                store[key] = m
+            elif key in mine and cur.shape == m.shape:
+                cur += m
+            else:
+                store[key] = cur + m
+                mine.add(key)
 
+        def full(g):
+            grp = layout.groups[g]
+            return (state.batch, grp.size, grp.card)
+
+        if base is not None:
+            for g in (base if groups is None else groups):
+                if g in base:
+                    acc[g] = base[g]
         for f in factors:
             if isinstance(f, TableStack):  # many small tables at once (meanfield_stack.py)
                 for g, m in f.group_messages(state, groups).items():
-                    acc[g] = acc[g] + m if g in acc else m
+                    add(acc, g, m)
                 continue
             for item, m in f.expected_messages(state).items():
                 g, pos = layout.locate(item)
@@ -326,22 +347,36 @@ class MeanField(Engine):
                 if isinstance(m, OnComponent):
                     comp, m = m.component, m.message
                 if comp is not None and pos is None:
-                    size = grp.component_index(comp)[1]
-                    buf = buffer(on_comp, (g, comp), (state.batch, grp.size, size))
-                    buf += m
+                    add(on_comp, (g, comp), m)
                     continue
                 if comp is not None:  # one block variable: gather onto its states now
                     m = m.index_select(-1, grp.component_index(comp)[0].to(m.device))
-                buf = buffer(acc, g, (state.batch, grp.size, grp.card))
                 if pos is None:
-                    buf += m
-                else:
-                    buf[:, pos] += m
+                    add(acc, g, m)
+                    continue
+                buf = acc.get(g)  # one position of the group: write into a full tensor
+                if buf is None or g not in mine or buf.shape != full(g):
+                    buf = (buf.expand(full(g)).clone() if buf is not None else
+                           state.q[g].new_zeros(full(g)))
+                    acc[g] = buf
+                    mine.add(g)
+                buf[:, pos] += m
         for (g, comp), buf in on_comp.items():
             index = layout.groups[g].component_index(comp)[0].to(buf.device)
             # gather (not index_select: several times slower along the last axis on CPU)
             gathered = buf.gather(-1, index.expand(*buf.shape[:-1], len(index)))
-            acc[g] = acc[g] + gathered if g in acc else gathered
+            cur = acc.get(g)
+            if cur is not None and g not in mine and cur.shape == gathered.shape:
+                gathered += cur  # a new tensor: sum into it (no third one)
+                cur = None
+            if cur is None:
+                acc[g] = gathered
+                mine.add(g)
+            else:
+                add(acc, g, gathered)
+        for g, m in acc.items():
+            if m.shape != full(g):  # a message without batch axis (or position axis)
+                acc[g] = m.expand(full(g))
         return acc
 
     def _initialise(self, run: _Run) -> None:
@@ -353,10 +388,15 @@ class MeanField(Engine):
             i = g.index
             if i not in unary:
                 unary[i] = state.q[i].new_zeros(state.batch, g.size, g.card)
-            m = unary[i] if self.init == "unary" else torch.where(
-                torch.isneginf(unary[i]), unary[i], unary[i].new_zeros(()))
-            dead = torch.isneginf(m).all(-1) & free[i]
-            if bool(dead.any()):
+            hard = any_neginf(unary[i])  # else no state is impossible: no checks
+            if self.init == "unary":
+                m = unary[i]
+            elif hard:
+                m = torch.where(torch.isneginf(unary[i]), unary[i], unary[i].new_zeros(()))
+            else:
+                m = torch.zeros_like(unary[i])
+            dead = torch.isneginf(m).all(-1) & free[i] if hard else None
+            if dead is not None and bool(dead.any()):
                 n, pos = (int(x) for x in dead.nonzero()[0])
                 raise type(zero)(
                     f"{zero}: every state of {g.variables[pos].name} is impossible (its own "
@@ -369,8 +409,9 @@ class MeanField(Engine):
                 if bool(bad.any()):
                     raise type(zero)(f"{zero} (an observed state is impossible)")
                 logq = torch.where(mask[..., None], torch.log(onehot), logq)
-            active = free[i] | (clamp[i][0] if i in clamp else False)
-            logq = torch.where(active[..., None], logq, logq.new_full((), float("-inf")))
+            if i in clamp or not run.all_free[i]:
+                active = free[i] | (clamp[i][0] if i in clamp else False)
+                logq = torch.where(active[..., None], logq, logq.new_full((), float("-inf")))
             state.set_group(i, logq.exp(), logq)
 
     def _sweep(self, run: _Run, phases, damping) -> torch.Tensor:
@@ -379,7 +420,7 @@ class MeanField(Engine):
         change = torch.zeros(state.batch, dtype=state.dtype, device=state.device)
         for groups, factors in phases:
             state.set_wants(groups)
-            msgs = self._collect(factors, state, layout, groups)
+            msgs = self._collect(factors, state, layout, groups, base=unary)
             soft: list = []
 
             def soft_messages(groups=groups, factors=factors, soft=soft):
@@ -389,10 +430,8 @@ class MeanField(Engine):
                 return soft[0]
 
             for g, mask in groups.items():
-                m = msgs.get(g)
-                m = unary[g] if m is None else m + unary[g]
                 change = torch.maximum(change, self._update(
-                    run, g, m, mask, soft_messages, damping))
+                    run, g, msgs[g], mask, soft_messages, damping))
         state.set_wants(None)
         return change
 
@@ -402,7 +441,7 @@ class MeanField(Engine):
         when one is -inf."""
         total = torch.zeros(state.batch, dtype=state.dtype, device=state.device)
         for f in constant:
-            if not isinstance(f, TableStack) and not f.variables():
+            if not isinstance(f, TableStack) and not f.scope:
                 total = total + f.expected_energy(state)
         if bool(torch.isneginf(total).any()):
             bad = int(torch.isneginf(total).nonzero()[0, 0])
@@ -427,7 +466,7 @@ class MeanField(Engine):
         n = state.batch
         feasible = torch.ones(n, dtype=torch.bool, device=state.device)
         restarted = torch.zeros_like(feasible)
-        if not coupled:
+        if not any(f.has_hard_zeros(state) for f in coupled):  # no -inf entry to avoid
             return False, feasible, restarted
         active = [free[g.index] | (clamp[g.index][0] if g.index in clamp else False)
                   for g in layout.groups]
@@ -498,9 +537,10 @@ class MeanField(Engine):
         state, free, unary = run.state, run.free, run.unary
         old = state.q[g]
         q = torch.softmax(msg, -1)
-        dead = torch.isnan(q[..., :1])  # all -inf rows come out NaN
-        any_dead = bool(dead.any())
+        any_dead = bool(torch.isnan(q[..., 0].sum()))  # all -inf rows come out NaN
+        dead = None
         if any_dead:
+            dead = torch.isnan(q[..., :1])
             soft = soft_messages().get(g)
             if soft is not None:
                 q = torch.where(dead, torch.softmax(soft + unary[g], -1), q)
@@ -514,9 +554,12 @@ class MeanField(Engine):
             q = torch.where(a > 0, damped, q) if isinstance(a, torch.Tensor) else damped
         if mask is not None or not run.all_free[g] or any_dead:
             upd = free[g] if mask is None else free[g] & mask.to(free[g].device)[None, :]
-            q = torch.where(dead | ~upd[..., None], old, q)
+            keep = ~upd[..., None] if dead is None else dead | ~upd[..., None]
+            q = torch.where(keep, old, q)
         state.set_group(g, q, None)
-        return (q - old).abs().amax((1, 2)) if q.numel() else q.new_zeros(q.shape[0])
+        if not q.numel():
+            return q.new_zeros(q.shape[0])
+        return (q - old).abs_().reshape(q.shape[0], -1).amax(-1)  # max |change| per element
 
     def _elbo_fast(self, state, coupled, unary) -> torch.Tensor:
         """ELBO with the constant (one-variable) factors' energy read off their messages."""
@@ -565,7 +608,7 @@ def _check_range(elbo, state, dtype):
     (inf - inf): refuse as the exact engines do (prepare.check_range) instead of returning
     it."""
     bad = bool(torch.isnan(elbo).any() or torch.isposinf(elbo).any())
-    bad = bad or any(bool(torch.isnan(q).any()) for q in state.q)
+    bad = bad or any(q.numel() > 0 and bool(torch.isnan(q.detach().amax())) for q in state.q)
     if bad:
         raise FieldlibError(
             f"the log-potentials are too large for the range of "
@@ -587,10 +630,20 @@ def _in_dtype(factor, dtype):
 
 
 def _split_factors(units):
+    """``(constant, coupled)``: the factors whose couplings hold at most one variable (their
+    messages do not depend on Q) and the others (Factor.coupling_arity: no per-position
+    work)."""
     constant, coupled = [], []
     for f in units:
-        (constant if all(len(c) <= 1 for c in f.couplings()) else coupled).append(f)
+        (constant if f.coupling_arity() <= 1 else coupled).append(f)
     return constant, coupled
+
+
+def _groups_of(f, layout) -> set:
+    """The Q groups a factor (or TableStack) touches, from its scope."""
+    if isinstance(f, TableStack):
+        return set(f.groups)
+    return {layout.locate(item)[0] for item in f.scope}
 
 
 def _colour_phases(layout, coupled, touch):

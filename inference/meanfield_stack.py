@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fieldlib.factors.base import DEFAULT_MAX_DENSE_ELEMENTS
-from fieldlib.factors.beliefs import contract_table
+from fieldlib.factors.beliefs import contract_table, split_impossible
 
 __all__ = ["Constraints", "TableStack", "stack_tables"]
 
@@ -61,12 +61,15 @@ class TableStack:
     def couplings(self):
         return self.variables
 
+    def coupling_arity(self) -> int:
+        return self.arity
+
+    def has_hard_zeros(self, q=None) -> bool:
+        return self._parts()[1] is not None
+
     def _parts(self):
         if not hasattr(self, "_cached"):
-            t = self.table().detach()
-            neginf = torch.isneginf(t)
-            self._cached = (t.masked_fill(neginf, 0.0),
-                            neginf.to(t.dtype) if bool(neginf.any()) else None)
+            self._cached = split_impossible(self.table().detach())
         return self._cached
 
     def _expect(self, parts, qs, keep, penalty, rows=None):
@@ -110,10 +113,7 @@ class TableStack:
     def expected_energy(self, state, differentiable: bool = False) -> torch.Tensor:
         qs = [state.q[g][:, self.positions[:, j]] for j, g in enumerate(self.groups)]
         if differentiable:
-            t = self.table()
-            neginf = torch.isneginf(t)
-            parts = (t.masked_fill(neginf, 0.0),
-                     neginf.to(t.dtype) if bool(neginf.any()) else None)
+            parts = split_impossible(self.table())
         else:
             parts = self._parts()
         return self._expect(parts, qs, None, state.options.penalty).sum(1)

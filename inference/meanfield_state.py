@@ -10,20 +10,23 @@ its block states (structured mean-field). Storage is batched and vectorised:
 Padded array positions hold all-zero rows, so every expectation over Q ignores them. A
 :class:`MeanFieldState` implements :class:`~fieldlib.factors.beliefs.Beliefs`, the view
 factors receive in :meth:`~fieldlib.factors.Factor.expected_messages` (``probs``,
-``component_marginal``, ``wants``, ``batch``, ``options``). It belongs to one run of an
-engine: the engine creates it, and nothing of it lives on the engine object.
+``component_marginal``, ``wants``, ``constant``, ``batch``, ``options``). It belongs to one
+run of an engine: the engine creates it, and nothing of it lives on the engine object; the
+values factors keep through ``constant`` (what does not depend on Q) live and die with it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fieldlib.errors import FieldlibError
-from fieldlib.factors.beliefs import MessageOptions
+from fieldlib.factors.beliefs import MessageOptions, cached_constant
 from fieldlib.factors.frame_intent import component_map
 from fieldlib.variables import Variable, VariableArray
 
@@ -50,28 +53,29 @@ class Group:
 
 
 class Layout:
-    """Where each variable of a graph lives in the grouped storage of Q."""
+    """Where each variable of a graph lives in the grouped storage of Q.
+
+    ``where[v]`` is ``(group, position)``: an array member is found through its array (no
+    per-position entry is built), a stand-alone variable in its pool."""
 
     def __init__(self, graph):
         self.groups: list[Group] = []
-        self.where: dict[Variable, tuple[int, int]] = {}
         self.array_group: dict[VariableArray, int] = {}
+        self.where = _Where(self.array_group)
         for a in graph.arrays.values():
-            g = Group(len(self.groups), a.size, a.cardinality, list(a), a, a.domain)
+            g = Group(len(self.groups), a.size, a.cardinality, a.variables, a, a.domain)
             self.groups.append(g)
             self.array_group[a] = g.index
-            for t, v in enumerate(a):
-                self.where[v] = (g.index, t)
         pools: dict[int, Group] = {}
-        for v in graph.variables.values():
-            if v in self.where:
+        for v in graph.standalone_variables():
+            if v in self.where:  # a member of an array of the graph, added again on its own
                 continue
             if v.cardinality not in pools:
                 pools[v.cardinality] = Group(len(self.groups), 0, v.cardinality, [],
                                              domain=v.domain)
                 self.groups.append(pools[v.cardinality])
             g = pools[v.cardinality]
-            self.where[v] = (g.index, g.size)
+            self.where.pooled[v] = (g.index, g.size)
             g.variables.append(v)
             g.size += 1
 
@@ -84,6 +88,24 @@ class Layout:
         if item not in self.where:
             raise FieldlibError(f"variable {item.name!r} is not in this graph")
         return self.where[item]
+
+
+class _Where:
+    """``Variable -> (group, position)``: array members through their array, pooled
+    variables from a dict."""
+
+    def __init__(self, array_group: dict):
+        self.array_group = array_group
+        self.pooled: dict[Variable, tuple[int, int]] = {}
+
+    def __getitem__(self, v: Variable) -> tuple[int, int]:
+        g = self.array_group.get(v.array) if v.array is not None else None
+        if g is not None:
+            return g, v.position
+        return self.pooled[v]
+
+    def __contains__(self, v) -> bool:
+        return isinstance(v, Variable) and (v.array in self.array_group or v in self.pooled)
 
 
 class MeanFieldState:
@@ -105,6 +127,7 @@ class MeanFieldState:
                   for g in layout.groups]
         self._logq: list[torch.Tensor | None] = [None] * len(self.q)
         self._cache: dict = {}
+        self._constants: dict = {}  # Beliefs.constant: per run, shared with option views
         self._want: dict[int, torch.Tensor | None] | None = None
 
     @classmethod
@@ -158,6 +181,11 @@ class MeanFieldState:
         mask = self._want[g]
         return mask is None or pos is None or bool(mask[pos])
 
+    def constant(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per run (and grad mode) under ``key``: a value that does not
+        depend on Q (Beliefs.constant)."""
+        return cached_constant(self._constants, key, compute)
+
     # -- engine side ---------------------------------------------------------------------------
     def with_options(self, **changes) -> MeanFieldState:
         """A view of the same Q (shared storage: it sees every later ``set_group``) whose
@@ -188,7 +216,12 @@ class MeanFieldState:
     def entropy(self) -> torch.Tensor:
         """``(N,)`` Σ_v H(Q_v) (0 log 0 = 0)."""
         total = torch.zeros(self.batch, dtype=self.dtype, device=self.device)
-        for q, logq in zip(self.q, self.logq):
-            if q.numel():
-                total = total - torch.where(q > 0, q * logq, q.new_zeros(())).sum((1, 2))
+        for q, logq in zip(self.q, self._logq):
+            if not q.numel():
+                continue
+            if logq is None:  # q log q in one pass, 0 where q = 0
+                plogp = torch.special.xlogy(q, q)
+            else:
+                plogp = torch.where(q > 0, q * logq, q.new_zeros(()))
+            total = total - plogp.sum((1, 2))
         return total

@@ -22,6 +22,7 @@ registered with :func:`register_factor`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -290,6 +291,21 @@ class Factor:
         share no group can be updated at the same time by a sequential schedule."""
         return [tuple(term.variables) for term in self.terms()]
 
+    def coupling_arity(self) -> int:
+        """The most variables one group of :meth:`couplings` holds (0: a factor over no
+        variable). An engine tells one-variable factors (at most 1: their messages do not
+        depend on Q) from coupling ones by it, without listing the couplings, which for a
+        factor over arrays is one Python object per position. The default reads
+        :meth:`couplings`; the built-in types answer from their scope."""
+        return max((len(c) for c in self.couplings()), default=0)
+
+    def has_hard_zeros(self, q: Beliefs) -> bool:
+        """Whether some configuration may have log-potential -inf. An engine skips its
+        search for a configuration of positive probability when no coupling factor has
+        any. The default, True, means "unknown: check with Q"; the built-in types look at
+        their tensors (through ``q.constant``, once per run)."""
+        return True
+
     # -- closed-form gradients (MATH.md §6) ------------------------------------------------
     def energy_gradient(self, q: Beliefs,
                         form: str = "sequence") -> dict[str, torch.Tensor] | None:
@@ -375,6 +391,17 @@ def positions(scope: Iterable[Variable | VariableArray]) -> int | None:
     if len(sizes) > 1:
         raise ShapeError(f"arrays in one factor scope must share a length, got {sorted(sizes)}")
     return sizes.pop() if sizes else None
+
+
+def position_terms(factor: Factor, scope: Sequence[Variable | VariableArray],
+                   table: torch.Tensor, batched: bool) -> list[Term]:
+    """One :class:`Term` per position of a position-wise table ``([N,] L, d_1, ..., d_k)``
+    over ``scope`` (arrays of length L and lone variables): the tables are the views of one
+    ``unbind``, the scopes the arrays' variable lists zipped (no tensor call per position)."""
+    slots = [s.variables if isinstance(s, VariableArray) else itertools.repeat(s)
+             for s in scope]
+    return [Term(variables, t, batched, factor)
+            for variables, t in zip(zip(*slots), table.unbind(1 if batched else 0))]
 
 
 def at(item: Variable | VariableArray, t: int) -> Variable:

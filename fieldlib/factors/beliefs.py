@@ -17,16 +17,20 @@ attributes, so two runs at once (two threads, or an asynchronous engine next to 
 synchronous one) cannot see each other's settings.
 
 :func:`expected_log_table` is the generic rule every factor falls back to (an einsum of a
-log-table with the other variables' Q, 0 · (-inf) = 0); :func:`labelled_einsum` writes
-einsums with any number of labels, so no factor is limited by an alphabet of letters.
+log-table with the other variables' Q, 0 · (-inf) = 0); :func:`contract` computes it one Q
+at a time, each step one two-operand :func:`labelled_einsum`, which lays its operands out so
+that torch runs it as one matrix product on views (no permute-copy of a large table), and
+writes einsums with any number of labels, so no factor is limited by an alphabet of letters.
+What does not depend on Q (a table split into its finite part and its -inf entries, a
+kernel matrix) a factor computes once per run through ``q.constant``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -39,9 +43,13 @@ __all__ = [
     "MessageOptions",
     "Messages",
     "OnComponent",
+    "any_neginf",
     "component_marginal",
+    "contract",
     "expected_log_table",
     "labelled_einsum",
+    "split_impossible",
+    "with_impossible",
 ]
 
 
@@ -87,6 +95,24 @@ class Beliefs(Protocol):
     def wants(self, item: Variable | VariableArray) -> bool:
         """Whether the engine needs a message to ``item`` now (a factor may skip the others)."""
         ...
+
+    def constant(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once per run and kept under ``key`` for the rest of it: a
+        value that does not depend on Q, only on a factor's tensors and the options (a
+        log-table split into its finite part and its -inf entries, a kernel matrix). A
+        factor keys it by itself, e.g. ``(self, "split")``, plus any option it depends on.
+        Nothing outlives the run (a new run computes it again from the tensors as they are
+        then). It is computed with grad mode on, so it stays differentiable in the factor's
+        tensors when the engine uses it again for a differentiable ELBO."""
+        ...
+
+
+def cached_constant(store: dict, key: Hashable, compute: Callable[[], Any]) -> Any:
+    """:meth:`Beliefs.constant` over the dict ``store`` (one per run)."""
+    if key not in store:
+        with torch.enable_grad():
+            store[key] = compute()
+    return store[key]
 
 
 class OnComponent:
@@ -138,6 +164,7 @@ class FixedBeliefs:
                  options: MessageOptions | None = None):
         self.marginals, self.batch = marginals, int(batch)
         self.options = options or MessageOptions()
+        self._constants: dict = {}
 
     def probs(self, item: Variable | VariableArray) -> torch.Tensor:
         p = self.marginals[item.name]
@@ -149,6 +176,9 @@ class FixedBeliefs:
 
     def wants(self, item: Variable | VariableArray) -> bool:
         return True
+
+    def constant(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        return cached_constant(self._constants, key, compute)
 
 
 # -- einsum with any number of labels ------------------------------------------------------------
@@ -167,12 +197,19 @@ def labelled_einsum(*args) -> torch.Tensor:
     summed out as soon as no later operand and not the output holds it: same result, no
     limit on the number of labels (a table over 60 variables, most of cardinality 1).
 
+    Two operands with explicit labels (no ``...``) are laid out for torch's one batched
+    matrix product first (:func:`_pair_einsum`): labels that always travel together are
+    merged into one (a view), and the operand order is chosen so that no large operand is
+    permuted and copied.
+
     A label may appear once per operand. Raises ValueError for an odd argument list.
     """
     if len(args) % 2 != 1:
         raise ValueError("labelled_einsum(a, labels_a, ..., out_labels): odd argument count")
     subs = tuple(tuple(s) for s in args[1:-1:2])
     out = tuple(args[-1])
+    if len(subs) == 2 and not any(x is Ellipsis for s in (*subs, out) for x in s):
+        return _pair_einsum(args[0], subs[0], args[2], subs[1], out)
     equation = _equation(subs, out)
     if equation is not None:
         return torch.einsum(equation, *args[0:-1:2])
@@ -194,6 +231,102 @@ def _equation(subs: tuple, out: tuple) -> str | None:
         return "".join("..." if x is Ellipsis else _SYMBOLS[ids[x]] for x in s)
 
     return ",".join(spell(s) for s in subs) + "->" + spell(out)
+
+
+def _pair_einsum(a: torch.Tensor, sa: tuple, b: torch.Tensor, sb: tuple,
+                 out: tuple) -> torch.Tensor:
+    """One two-operand einsum, laid out so that torch runs it as one batched matrix product on
+    views of the operands.
+
+    torch.einsum contracts two operands as ``bmm(first (batch, own, summed), second (batch,
+    summed, own))``, permuting each into that layout: a permutation that is not a view (two
+    summed labels in another order, e.g. ``ntd,ntdi->ni``) copies the whole operand, and a
+    second operand with no label of its own (a matrix times a vector) runs several times
+    slower than the same product with the vector first. So: (1) labels that are adjacent and
+    in the same order in every operand and the output that holds them (e.g. frames x states
+    of a per-frame table) are merged into one label by a view; (2) an operand with no label
+    of its own goes first, otherwise the one owning the output's first own label; (3) two
+    operands with the same labels (a product summed over some of them) are multiplied and
+    summed, not batched into matrix products of one row. Same result as ``torch.einsum`` up
+    to the order of floating-point sums. The layout is planned once per labels and shapes."""
+    plan = _pair_plan(sa, sb, out, tuple(a.shape), tuple(b.shape))
+    merged, plain = plan
+    if merged is not None:
+        view_a, view_b, step, shape = merged
+        try:
+            a2, b2 = a.view(view_a), b.view(view_b)
+        except RuntimeError:  # a merged run is not one block of memory here
+            pass
+        else:
+            return _pair_step(a2, b2, step).reshape(shape)
+    return _pair_step(a, b, plain)
+
+
+def _pair_step(a: torch.Tensor, b: torch.Tensor, step: tuple) -> torch.Tensor:
+    kind, arg = step
+    if kind == "mul":  # same labels: multiply (b permuted to a's order), sum, permute
+        perm_b, summed, perm_out = arg
+        r = a * b.permute(perm_b)
+        return (r.sum(summed) if summed else r).permute(perm_out)
+    swap, equation, labels = arg
+    if swap:
+        a, b = b, a
+    if equation is None:
+        return _broadcast_einsum((a, b), labels[:2], labels[2])
+    return torch.einsum(equation, a, b)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pair_plan(sa: tuple, sb: tuple, out: tuple, shape_a: tuple, shape_b: tuple):
+    """``(merged, plain)``: the step with merged label runs (``(view_a, view_b, step, out
+    shape)``, None when nothing merges) and the step without (see :func:`_pair_einsum`)."""
+    sizes: dict = {}
+    for shape, s in ((shape_a, sa), (shape_b, sb)):
+        for x, n in zip(s, shape):
+            sizes.setdefault(x, set()).add(n)
+    seqs = (sa, sb, out)
+
+    def joins(x, y):  # y right after x wherever either is, one size (no broadcast)
+        if len(sizes[x]) > 1 or len(sizes[y]) > 1:
+            return False
+        return all((x in s) == (y in s) and (x not in s or s.index(y) == s.index(x) + 1)
+                   for s in seqs)
+
+    merged: dict = {}  # label -> the first label of the run it is merged into
+    for s in seqs:
+        for x, y in zip(s, s[1:]):
+            if y not in merged and joins(x, y):
+                merged[y] = merged.get(x, x)
+
+    def runs(shape, s):
+        dims: list = []
+        for x, n in zip(s, shape):
+            if x in merged:
+                dims[-1] *= n
+            else:
+                dims.append(n)
+        return tuple(dims), tuple(x for x in s if x not in merged)
+
+    plain = _pair_order(sa, sb, out)
+    if not merged:
+        return None, plain
+    (va, la), (vb, lb) = runs(shape_a, sa), runs(shape_b, sb)
+    lo = tuple(x for x in out if x not in merged)
+    return (va, vb, _pair_order(la, lb, lo), tuple(max(sizes[x]) for x in out)), plain
+
+
+def _pair_order(sa: tuple, sb: tuple, out: tuple) -> tuple:
+    own_a = [x for x in sa if x not in sb]
+    own_b = [x for x in sb if x not in sa]
+    if not own_a and not own_b:
+        kept = [x for x in sa if x in out]
+        return "mul", (tuple(sb.index(x) for x in sa),
+                       tuple(i for i, x in enumerate(sa) if x not in out),
+                       tuple(kept.index(x) for x in out))
+    first_own = next((x for x in out if x in own_a or x in own_b), None)
+    swap = bool((own_a and not own_b) or (own_a and own_b and first_own in own_b))
+    subs = (sb, sa) if swap else (sa, sb)
+    return "einsum", (swap, _equation(subs, out), (*subs, out))
 
 
 def _broadcast_einsum(ops: Sequence[torch.Tensor], subs: Sequence[Sequence],
@@ -252,36 +385,93 @@ def expected_log_table(table: torch.Tensor, qs: Sequence[torch.Tensor],
     others = [j for j in range(k) if j != keep]
     ops = [qs[j].expand(*lead, qs[j].shape[-1]) for j in others]
     full = table.expand(*lead, *table.shape[table.dim() - k:])
-    neginf = torch.isneginf(full)
-    if not bool(neginf.any()):
-        return contract_table(full, None, ops, others, keep)
-    return contract_table(full.masked_fill(neginf, 0.0), neginf.to(full.dtype), ops, others,
-                          keep, penalty)
+    finite, impossible = split_impossible(full)
+    return contract_table(finite, impossible, ops, others, keep, penalty)
+
+
+def any_neginf(table: torch.Tensor) -> bool:
+    """Whether ``table`` has a -inf entry (one reduction, several times faster than
+    ``isneginf(table).any()`` on CPU; log-potentials hold no NaN)."""
+    return table.numel() > 0 and bool(table.detach().amin() == float("-inf"))
+
+
+def split_impossible(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(finite, impossible)``: ``table`` with its -inf entries replaced by 0, and their
+    indicator (1 there, 0 elsewhere, in the table's dtype); ``(table, None)`` when it has
+    none (no copy)."""
+    if not any_neginf(table):
+        return table, None
+    neginf = torch.isneginf(table)
+    return table.masked_fill(neginf, 0.0), neginf.to(table.dtype)
+
+
+def with_impossible(value: torch.Tensor, impossible: torch.Tensor | None,
+                    penalty: float | None = None) -> torch.Tensor:
+    """An expectation of a split table's finite part, ``value``, with the expectation of its
+    -inf indicator, ``impossible`` (the probability put on impossible configurations),
+    applied: -inf where it is positive (``penalty`` None), ``value - penalty · impossible``
+    otherwise (:class:`MessageOptions`). ``impossible`` None: ``value``."""
+    if impossible is None:
+        return value
+    if penalty is not None:
+        return value - penalty * impossible
+    return value.masked_fill(impossible > 0, float("-inf"))
+
+
+def contract(table: torch.Tensor, labels: Sequence, ops: Sequence[tuple], out: Sequence
+             ) -> torch.Tensor:
+    """``Σ table · Π ops`` over every label not in ``out``, one operand at a time.
+
+    ``labels``: one per axis of ``table``; ``ops``: ``(tensor, labels)`` pairs (a Q, or a
+    product of Qs); ``out``: the result's labels, each held by ``table`` or an op. Each step
+    is one two-operand :func:`labelled_einsum` (a matrix product on views), summing every
+    label no later op and not the output holds; labels an op brings in go first. With no
+    op, ``table`` permuted (and summed) to ``out``."""
+    acc, have = table, list(labels)
+    if not ops:
+        return labelled_einsum(acc, have, list(out))
+    for i, (t, own) in enumerate(ops):
+        if i == len(ops) - 1:
+            keep = list(out)
+        else:
+            later = set(out).union(*(set(lab) for _, lab in ops[i + 1:]))
+            keep = ([x for x in own if x not in have and x in later]
+                    + [x for x in have if x in later])
+        acc, have = labelled_einsum(acc, have, t, list(own), keep), keep
+    return acc
 
 
 def contract_table(finite: torch.Tensor, impossible: torch.Tensor | None,
                    ops: Sequence[torch.Tensor], axes: Sequence[int], keep: int | None,
                    penalty: float | None = None, lead: Sequence = (Ellipsis,)) -> torch.Tensor:
     """The contraction inside :func:`expected_log_table`, on a table already split into its
-    finite part and the indicator of its -inf entries (None: it has none).
+    finite part and the indicator of its -inf entries (None: it has none;
+    :func:`split_impossible`).
 
     ``finite``, ``impossible``: ``(*lead, d_1, ..., d_k)``; ``ops[i]``: ``(*lead,
     d_axes[i])``. Returns ``Σ finite · Π ops`` over every table axis but ``keep``, with -inf
     (``penalty`` None) or ``-penalty · Σ impossible · Π ops`` where the ops give impossible
-    entries positive probability. ``lead``: labels of the leading axes, ``...`` (any
-    number, broadcast) by default; explicit labels spare einsum's ellipsis handling.
+    entries positive probability (:func:`with_impossible`). ``lead``: labels of the leading
+    axes, ``...`` (any number, broadcast) by default. The ops are contracted one at a time
+    (:func:`contract`).
     """
     lead = list(lead)
     k = len(axes) + (keep is not None)
+    if lead == [Ellipsis]:
+        nl = finite.dim() - k
+        if all(q.dim() == nl + 1 for q in ops):  # one label per leading axis
+            lead = [("lead", i) for i in range(nl)]
     table_labels = [*lead, *range(k)]
     out = [*lead] + ([keep] if keep is not None else [])
-    args: list = []
-    for j, q in zip(axes, ops):
-        args += [q, [*lead, j]]
-    value = labelled_einsum(finite, table_labels, *args, out)
-    if impossible is None:
-        return value
-    imp = labelled_einsum(impossible, table_labels, *args, out)
-    if penalty is not None:
-        return value - penalty * imp
-    return value.masked_fill(imp > 0, float("-inf"))
+    if Ellipsis in lead:
+        args: list = []
+        for j, q in zip(axes, ops):
+            args += [q, [*lead, j]]
+        value = labelled_einsum(finite, table_labels, *args, out)
+        imp = None if impossible is None else labelled_einsum(impossible, table_labels,
+                                                              *args, out)
+        return with_impossible(value, imp, penalty)
+    pairs = [(q, [*lead, j]) for j, q in zip(axes, ops)]
+    value = contract(finite, table_labels, pairs, out)
+    imp = None if impossible is None else contract(impossible, table_labels, pairs, out)
+    return with_impossible(value, imp, penalty)

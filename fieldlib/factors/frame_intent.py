@@ -2,7 +2,9 @@
 
 One table over (frame component) x (intent) per frame, predicted by a network. With a block
 frame domain the table is gathered onto the frame's states through the chosen component
-(the paper: object; the released code: object x progress).
+(the paper: object; the released code: object x progress), or given per state
+(``component=None``). Its mean-field messages are one matrix product each, on a view of the
+stacked (T, D, N_I) tables, -inf entries included (no per-frame term).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from fieldlib.factors.base import (
     OnComponent,
     Term,
     check_log_potential,
+    position_terms,
     register_factor,
 )
-from fieldlib.factors.beliefs import Beliefs
+from fieldlib.factors.beliefs import Beliefs, split_impossible, with_impossible
 from fieldlib.variables import BlockDomain, Variable, VariableArray
 
 __all__ = ["FrameIntent", "component_map"]
@@ -72,47 +75,61 @@ class FrameIntent(Factor):
         n = self.table.shape[0] if self.batched else 1
         return n * self.frames.size * self.frames.cardinality * self.intent.cardinality
 
+    def coupling_arity(self) -> int:
+        return 2
+
+    def has_hard_zeros(self, q: Beliefs) -> bool:
+        return self._split(q)[1] is not None
+
     def terms(self) -> list[Term]:
-        table = self.state_table()
-        axis = 1 if self.batched else 0
-        return [Term((self.frames[t], self.intent), table.select(axis, t), self.batched, self)
-                for t in range(self.frames.size)]
+        return position_terms(self, [self.frames, self.intent], self.state_table(),
+                              self.batched)
 
     # -- mean-field (MATH.md §3-4): messages on the component, all frames at once ----------
-    def _finite(self) -> bool:
-        """Whether φXI has no -inf (checked once per table object)."""
-        cached = getattr(self, "_finite_cache", None)
-        if cached is None or cached[0] is not self.table:
-            cached = (self.table, not bool(torch.isneginf(self.table).any()))
-            self._finite_cache = cached
-        return cached[1]
+    # The table ``([N,] T, D, N_I)`` is used as the matrix ``([N,] T·D, N_I)`` (a view): each
+    # message is one matrix product with a Q, the small operand first (the fast layout for
+    # torch's CPU matmul); -inf entries through their indicator (0 · (-inf) = 0).
+    def _split(self, q: Beliefs):
+        """The table's finite part and -inf indicator as ``([N,] T·D, N_I)``, once per run."""
+        def flat():
+            finite, impossible = split_impossible(self.table)
+            return tuple(None if t is None else t.reshape(*t.shape[:-3], -1, t.shape[-1])
+                         for t in (finite, impossible))
+        return q.constant((self, "split"), flat)
 
-    def _eq(self, spec: str) -> str:
-        """An einsum spec whose table operand ``ntdi`` drops ``n`` when unbatched."""
-        return spec if self.batched else spec.replace("ntdi", "tdi")
+    def _to_frames(self, q: Beliefs) -> torch.Tensor:
+        """``(N, T, D)``: Σ_I Q_I(I) φXI_t(u, I)   (Eq. 5)."""
+        finite, impossible = self._split(q)
+        qi = q.probs(self.intent).unsqueeze(-2)  # (N, 1, N_I)
+        shape = (q.batch, self.frames.size, self.component_size)
+        value = (qi @ finite.transpose(-1, -2)).view(shape)
+        imp = None if impossible is None else (qi @ impossible.transpose(-1, -2)).view(shape)
+        return with_impossible(value, imp, q.options.penalty)
 
     def expected_messages(self, q: Beliefs) -> dict:
-        if not self._finite():
-            return super().expected_messages(q)
         out: dict = {}
-        if q.wants(self.frames):  # Σ_I Q_I(I) φXI(x, I)   (Eq. 5)
-            m = torch.einsum(self._eq("ntdi,ni->ntd"), self.table, q.probs(self.intent))
-            out[self.frames] = OnComponent(self.component, m)
+        if q.wants(self.frames):
+            out[self.frames] = OnComponent(self.component, self._to_frames(q))
         if q.wants(self.intent):  # Σ_j H_j(I), H_j(I) = E_{Q_j} φXI(x, I)   (Eq. 6)
+            finite, impossible = self._split(q)
             qc = q.component_marginal(self.frames, self.component)
-            out[self.intent] = torch.einsum(self._eq("ntd,ntdi->ni"), qc, self.table)
+            qc = qc.reshape(q.batch, 1, -1)  # (N, 1, T·D)
+            value = (qc @ finite).view(q.batch, -1)
+            imp = None if impossible is None else (qc @ impossible).view(q.batch, -1)
+            out[self.intent] = with_impossible(value, imp, q.options.penalty)
         return out
 
     def position_energy(self, q: Beliefs) -> dict:
-        if not self._finite():
-            return super().position_energy(q)
         qc = q.component_marginal(self.frames, self.component)
-        e = torch.einsum(self._eq("ntd,ni,ntdi->nt"), qc, q.probs(self.intent), self.table)
-        return {self.frames: e}
+        finite, impossible = self._split(q)
+        qi = q.probs(self.intent).unsqueeze(-2)
+        shape = (q.batch, self.frames.size, self.component_size)
+        value = ((qi @ finite.transpose(-1, -2)).view(shape) * qc).sum(-1)
+        imp = None if impossible is None else (
+            (qi @ impossible.transpose(-1, -2)).view(shape) * qc).sum(-1)
+        return {self.frames: with_impossible(value, imp, q.options.penalty)}
 
     def expected_energy(self, q: Beliefs) -> torch.Tensor:
-        if not self._finite():
-            return super().expected_energy(q)
         return self.position_energy(q)[self.frames].sum(-1)
 
     def couplings(self) -> list:

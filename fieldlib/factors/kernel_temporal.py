@@ -24,9 +24,9 @@ from fieldlib.factors.frame_intent import component_map
 from fieldlib.kernels import (
     GaussianKernel,
     KernelSum,
+    TemporalSums,
     as_kernel,
     pairwise_kernel,
-    temporal_sums,
 )
 from fieldlib.variables import VariableArray
 
@@ -144,6 +144,12 @@ class KernelTemporal(Factor):
         t, s = self.frames.size, self.frames.cardinality
         return n * t * (t - 1) // 2 * s * s
 
+    def coupling_arity(self) -> int:
+        return self.frames.size  # one group: every frame of the sequence
+
+    def has_hard_zeros(self, q: Beliefs) -> bool:
+        return False  # µ is finite and so is the kernel (checked at construction)
+
     def terms(self) -> list[Term]:
         k = self.kernel_matrix()
         mu = self.state_mu()
@@ -159,11 +165,15 @@ class KernelTemporal(Factor):
     # With K_j the object marginal of Q_j, FA_i = µ (Σ_{j>i} k(i,j) K_j) and
     # FB_i = µᵀ (Σ_{j<i} k(j,i) K_j): two kernel-weighted sums over frames (dense for short
     # sequences, FFT or a bounded window for long ones: fieldlib.kernels.temporal_sums) and
-    # two D x D products. Nothing of size T x S or S x S is built.
+    # two D x D products. Nothing of size T x S or S x S is built. What does not depend on Q
+    # (the method, the kernel matrix or its FFT) is built once per run (q.constant).
     def _sums(self, q: Beliefs):
         qc = q.component_marginal(self.frames, self.component)  # (N, T, D)
-        past, future = temporal_sums(self.kernel, self.times, qc,
-                                     method=q.options.kernel_method)
+        method = q.options.kernel_method
+        sums = q.constant((self, "kernel sums", method, qc.dtype, qc.device),
+                          lambda: TemporalSums(self.kernel, self.times.to(qc.device), method,
+                                               dtype=qc.dtype))
+        past, future = sums(qc)
         fa = future @ self.mu.transpose(-1, -2)  # FA_i(a) = Σ_b future_i(b) µ(a, b)
         fb = past @ self.mu  # FB_i(b) = Σ_a past_i(a) µ(a, b)
         return qc, fa, fb

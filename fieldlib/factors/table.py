@@ -8,10 +8,12 @@ axis. ``Table(frames, unary)`` with ``unary`` of shape ``(N, T, S)`` is the per-
 
 A :class:`SparseTable` lists the allowed configurations; every other one is ``-inf``.
 
-Both give their mean-field messages for all positions in one einsum, declare themselves as
-one dense table when their scope is stand-alone variables (so the mean-field engine stacks
-many of them, inference/meanfield_stack.py), and give the closed-form gradient of their
-expected log-potential: the product of the scope's marginals (MATH.md §6, Eq. 7).
+Both give their mean-field messages for all positions at once (one matrix product per other
+slot of the table, on views of the stacked per-position tables: no per-position term, no
+copy of the table), declare themselves as one dense table when their scope is stand-alone
+variables (so the mean-field engine stacks many of them, inference/meanfield_stack.py), and
+give the closed-form gradient of their expected log-potential: the product of the scope's
+marginals (MATH.md §6, Eq. 7).
 """
 
 from __future__ import annotations
@@ -22,14 +24,20 @@ from fieldlib.errors import CardinalityError, ShapeError
 from fieldlib.factors.base import (
     Factor,
     Term,
-    at,
     check_configs,
     check_log_potential,
-    expected_log_table,
+    position_terms,
     positions,
     register_factor,
 )
-from fieldlib.factors.beliefs import Beliefs, labelled_einsum
+from fieldlib.factors.beliefs import (
+    Beliefs,
+    any_neginf,
+    contract,
+    labelled_einsum,
+    split_impossible,
+    with_impossible,
+)
 from fieldlib.variables import VariableArray
 
 __all__ = ["Table", "SparseTable"]
@@ -80,31 +88,37 @@ class Table(Factor):
     def dense_size(self) -> int:
         return self.log_potential.numel()
 
+    def coupling_arity(self) -> int:
+        return len(self.scope)
+
+    def has_hard_zeros(self, q: Beliefs) -> bool:
+        return self._split(q)[1] is not None
+
     def terms(self) -> list[Term]:
         t = self.log_potential
         if self.length is None:
             return [Term(tuple(self.scope), t, self.batched, self)]
-        axis = 1 if self.batched else 0
-        return [
-            Term(tuple(at(s, p) for s in self.scope), t.select(axis, p), self.batched, self)
-            for p in range(self.length)
-        ]
+        return position_terms(self, self.scope, t, self.batched)
 
     # -- mean-field (see Factor.expected_messages): all positions in one einsum ------------
+    def _split(self, q: Beliefs):
+        """The table's finite part and -inf indicator, once per run."""
+        return q.constant((self, "split"), lambda: split_impossible(self.log_potential))
+
     def expected_messages(self, q: Beliefs) -> dict:
         if self.length is None:
             return super().expected_messages(q)
-        return _positionwise_messages(self.scope, self.log_potential, self.batched, q)
+        return _positionwise_messages(self.scope, self._split(q), self.batched, q)
 
     def expected_energy(self, q: Beliefs) -> torch.Tensor:
         if self.length is None:
             return super().expected_energy(q)
-        return _positionwise_energy(self.scope, self.log_potential, self.batched, q).sum(-1)
+        return _positionwise_energy(self.scope, self._split(q), self.batched, q).sum(-1)
 
     def position_energy(self, q: Beliefs) -> dict:
         if self.length is None:
             return super().position_energy(q)
-        e = _positionwise_energy(self.scope, self.log_potential, self.batched, q)
+        e = _positionwise_energy(self.scope, self._split(q), self.batched, q)
         return _credit_positions(self.scope, e, q)
 
     def energy_gradient(self, q: Beliefs, form: str = "sequence") -> dict:
@@ -169,31 +183,40 @@ class SparseTable(Factor):
             total *= d
         return total * self.values[..., 0].numel()
 
+    def coupling_arity(self) -> int:
+        return len(self.scope)
+
+    def has_hard_zeros(self, q: Beliefs) -> bool:
+        total = 1
+        for d in self._cards:
+            total *= d
+        return len(self.configs) < total or any_neginf(self.values)
+
     def terms(self) -> list[Term]:
         dense = self.dense()
         if self.length is None:
             return [Term(tuple(self.scope), dense, self.batched, self)]
-        axis = 1 if self.batched else 0
-        return [
-            Term(tuple(at(s, p) for s in self.scope), dense.select(axis, p), self.batched, self)
-            for p in range(self.length)
-        ]
+        return position_terms(self, self.scope, dense, self.batched)
 
     # -- mean-field: through the dense table (exact 0 · (-inf) handling off the list) ------
+    def _split(self, q: Beliefs):
+        """The dense table's finite part and -inf indicator, once per run."""
+        return q.constant((self, "split"), lambda: split_impossible(self.dense()))
+
     def expected_messages(self, q: Beliefs) -> dict:
         if self.length is None:
             return super().expected_messages(q)
-        return _positionwise_messages(self.scope, self.dense(), self.batched, q)
+        return _positionwise_messages(self.scope, self._split(q), self.batched, q)
 
     def expected_energy(self, q: Beliefs) -> torch.Tensor:
         if self.length is None:
             return super().expected_energy(q)
-        return _positionwise_energy(self.scope, self.dense(), self.batched, q).sum(-1)
+        return _positionwise_energy(self.scope, self._split(q), self.batched, q).sum(-1)
 
     def position_energy(self, q: Beliefs) -> dict:
         if self.length is None:
             return super().position_energy(q)
-        e = _positionwise_energy(self.scope, self.dense(), self.batched, q)
+        e = _positionwise_energy(self.scope, self._split(q), self.batched, q)
         return _credit_positions(self.scope, e, q)
 
     def energy_gradient(self, q: Beliefs, form: str = "sequence") -> dict:
@@ -219,28 +242,50 @@ def _outer(q: Beliefs, scope, length) -> torch.Tensor:
     return labelled_einsum(*args, [..., *range(len(qs))])
 
 
-def _slot_probs(scope, q) -> list[torch.Tensor]:
-    """Q of each scope slot as ``(N, L or 1, d)`` (a lone Variable is shared by positions)."""
-    return [q.probs(s) if isinstance(s, VariableArray) else q.probs(s).unsqueeze(1)
-            for s in scope]
+# -- position-wise tables: labels "n" (batch), "l" (position), j (slot j's states) -----------
+def _slot_operands(scope, q) -> list[tuple]:
+    """Q of each scope slot with its labels: an array ``(N, L, d)`` on ``("n", "l", j)``, a
+    lone Variable ``(N, d)`` on ``("n", j)`` (shared by the positions, never expanded)."""
+    return [(q.probs(s), ("n", "l", j)) if isinstance(s, VariableArray) else
+            (q.probs(s), ("n", j)) for j, s in enumerate(scope)]
 
 
-def _positionwise_messages(scope, table, batched, q) -> dict:
-    table = table if batched else table.unsqueeze(0)  # (N|1, L, d_1..d_k)
-    qs = _slot_probs(scope, q)
+def _positionwise(split, labels, ops, out, q) -> torch.Tensor:
+    """E of the split table ``(finite, impossible)`` under ``ops`` onto ``out`` labels
+    (MATH.md §3, 0 · (-inf) = 0), the batch axis added when no operand has one."""
+    finite, impossible = split
+    if "n" in out and "n" not in labels and not any("n" in lab for _, lab in ops):
+        inner = [x for x in out if x != "n"]
+        r = _positionwise(split, labels, ops, inner, q)
+        return r.unsqueeze(0).expand(q.batch, *r.shape)
+    value = contract(finite, labels, ops, out)
+    imp = None if impossible is None else contract(impossible, labels, ops, out)
+    return with_impossible(value, imp, q.options.penalty)
+
+
+def _table_labels(scope, batched) -> list:
+    return (["n"] if batched else []) + ["l", *range(len(scope))]
+
+
+def _positionwise_messages(scope, split, batched, q) -> dict:
+    """``{slot: message}``: to an array ``(N, L, d)``, to a lone Variable ``(N, d)`` (summed
+    over the positions it is paired with)."""
+    labels = _table_labels(scope, batched)
+    slots = _slot_operands(scope, q)
     out: dict = {}
     for a, s in enumerate(scope):
         if q.wants(s):
-            m = expected_log_table(table, qs, keep=a, penalty=q.options.penalty)  # (N, L, d_a)
-            m = m if isinstance(s, VariableArray) else m.sum(1)
+            target = ("n", "l", a) if isinstance(s, VariableArray) else ("n", a)
+            m = _positionwise(split, labels, [o for j, o in enumerate(slots) if j != a],
+                              target, q)
             out[s] = out[s] + m if s in out else m
     return out
 
 
-def _positionwise_energy(scope, table, batched, q) -> torch.Tensor:
-    table = table if batched else table.unsqueeze(0)
-    e = expected_log_table(table, _slot_probs(scope, q), penalty=q.options.penalty)
-    return e.expand(q.batch, -1)  # (N, L)
+def _positionwise_energy(scope, split, batched, q) -> torch.Tensor:
+    """``(N, L)``: each position's expected log-potential."""
+    return _positionwise(split, _table_labels(scope, batched), _slot_operands(scope, q),
+                         ("n", "l"), q)
 
 
 def _credit_positions(scope, e: torch.Tensor, q) -> dict:
