@@ -8,7 +8,11 @@ Gaussian kernel; fieldlib.inference.check.toy_temporal_field) and prints one tab
 2. mean-field vs exact gradients of the NLL with the coupling off (µ = 0, φXI = 0): must
    agree to rounding (mean-field is exact there), and ELBO = log Z;
 3. the same with the coupling on: reported with the marginal error, only ELBO <= log Z
-   must hold.
+   must hold;
+4. the asynchronous step (Algorithm 2, MATH.md §5): with every other frame's current
+   marginals in the store (d = 1, h = the number averaged) its gradients equal the
+   per-frame closed forms (must hold); beside it, the deviation with d = 0.9 and messages
+   k training steps old (--async-steps-old; reported, not checked).
 
 A parameter whose factor type has no closed-form gradient (a user's type without
 ``energy_gradient``) gets a "no closed form" row: reported, not checked.
@@ -33,6 +37,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--trials", type=int, default=3, help="number of random fields (default 3)")
     p.add_argument("--l2-intent", type=float, default=4e-4,
                    help="weight of the L2 pull of φXI toward zero (default 4e-4, the paper's)")
+    p.add_argument("--async-steps-old", type=int, nargs="*", default=[1, 5], metavar="K",
+                   help="ages (in SGD steps of lr 0.1) of the stored messages in the reported "
+                        "asynchronous rows (default 1 5)")
     p.set_defaults(func=run)
 
 
@@ -44,6 +51,7 @@ def run(args) -> int:
         NO_CLOSED_FORM,
         CheckReport,
         compare,
+        compare_asynchronous,
         compare_closed_form,
         toy_temporal_field,
     )
@@ -64,6 +72,9 @@ def run(args) -> int:
                              name="meanfield vs exact, coupling off"))
         trial.extend(compare(graph, labels, params=params, l2_intent=args.l2_intent,
                              name="meanfield vs exact, coupling on"))
+        trial.extend(compare_asynchronous(graph, labels, params=params,
+                                          l2_intent=args.l2_intent,
+                                          steps_old=tuple(args.async_steps_old)))
         for row in trial.rows:
             row.check = f"[{seed}] {row.check}"
         report.extend(trial)

@@ -41,12 +41,88 @@ from .asynchronous_step import local_update
 from .base import Engine, Result, register_engine
 from .messages import MessageStore
 
-__all__ = ["AsynchronousMeanField", "ORDERS"]
+__all__ = ["AsynchronousMeanField", "ORDERS", "frame_potentials", "split_graph"]
 
 ORDERS = ("forward", "backward", "random")
 
 #: Engines that take any graph (named in the error for a graph without sequences).
 OTHER_ENGINES = "meanfield, exact or bruteforce"
+
+
+# -- the graph ----------------------------------------------------------------------------------
+def split_graph(graph):
+    """``(frames, KernelTemporal, FrameIntent or None, unary factors, {id(frame var): t})``
+    of a graph the ``async`` engine takes; FieldlibError (naming the engines that apply)
+    for any other graph."""
+    temporal = [f for f in graph.factors if isinstance(f, KernelTemporal)]
+    if not temporal:
+        raise FieldlibError(
+            "engine 'async' needs sequences: a VariableArray of frames with a coupled "
+            "temporal factor (KernelTemporal), and this graph has none (a UAI or .fg "
+            f"model has no sequences); use {OTHER_ENGINES}")
+    if len(temporal) > 1 or len({id(f.frames) for f in temporal}) > 1:
+        raise FieldlibError("engine 'async': one KernelTemporal factor is supported, got "
+                            f"{len(temporal)}")
+    kt = temporal[0]
+    frames = kt.frames
+    intents = [f for f in graph.factors if isinstance(f, FrameIntent)]
+    if len(intents) > 1 or (intents and intents[0].frames is not frames):
+        raise FieldlibError("engine 'async': at most one FrameIntent on the frames of the "
+                            "KernelTemporal factor is supported")
+    fi = intents[0] if intents else None
+    position = {id(v): t for t, v in enumerate(frames)}
+    unary = []
+    for f in graph.factors:
+        if f is kt or f is fi:
+            continue
+        if stored_coupling(f) is not None:
+            raise FieldlibError(f"engine 'async': a second coupled factor {f.label} is not "
+                                f"supported")
+        for term in f.terms():
+            ok = len(term.variables) == 1 and (
+                id(term.variables[0]) in position
+                or (fi is not None and term.variables[0] is fi.intent))
+            if not ok:
+                raise FieldlibError(
+                    f"engine 'async': factor {f.label} couples "
+                    f"{', '.join(v.name for v in term.variables)} and does not support "
+                    f"stored messages (fieldlib.factors.stored); use {OTHER_ENGINES}")
+        unary.append(f)
+    others = [v for v in graph.standalone_variables()
+              if fi is None or v is not fi.intent]
+    if others:
+        raise FieldlibError(f"engine 'async': variable {others[0].name} is not a frame of "
+                            f"the sequence nor its intent; use {OTHER_ENGINES}")
+    if len(graph.arrays) > 1:
+        raise FieldlibError("engine 'async': one VariableArray of frames is supported, "
+                            f"got {len(graph.arrays)}; use {OTHER_ENGINES}")
+    return frames, kt, fi, unary, position
+
+
+def frame_potentials(graph):
+    """``(unary (N, T, S), intent_unary (N, N_I) or None)``: every frame's φX (the sum of
+    the one-frame factors' tables on its states) and the intent's own log-potentials,
+    differentiable in the factors' tensors (what :func:`~fieldlib.inference.
+    asynchronous_step.asynchronous_step` takes as ``unary``)."""
+    frames, kt, fi, unary_factors, position = split_graph(graph)
+    n = graph.batch_size or 1
+    unary = [torch.zeros((), dtype=graph.dtype, device=graph.device)] * frames.size
+    intent_unary = None
+    for f in unary_factors:
+        for term in f.terms():
+            v = term.variables[0]
+            table = term.table.to(graph.dtype)
+            table = table if term.batched else table.expand(n, *table.shape)
+            if id(v) in position:
+                unary[position[id(v)]] = unary[position[id(v)]] + table
+            else:
+                intent_unary = table if intent_unary is None else intent_unary + table
+    shape = (n, frames.cardinality)
+    unary = torch.stack([u.expand(shape) for u in unary], 1)
+    if fi is not None and intent_unary is None:
+        intent_unary = torch.zeros(n, fi.intent.cardinality, dtype=graph.dtype,
+                                   device=graph.device)
+    return unary, intent_unary
 
 
 @register_engine("async")
@@ -96,77 +172,19 @@ class AsynchronousMeanField(Engine):
         self.capacity, self.inner_iterations = capacity, int(inner_iterations)
         self.passes, self.tol, self.order, self.seed = int(passes), float(tol), order, int(seed)
 
-    # -- the graph --------------------------------------------------------------------------
-    @staticmethod
-    def _parts(graph):
-        """``(frames, temporal factor, intent factor or None, unary factors)``."""
-        temporal = [f for f in graph.factors if isinstance(f, KernelTemporal)]
-        if not temporal:
-            raise FieldlibError(
-                "engine 'async' needs sequences: a VariableArray of frames with a coupled "
-                "temporal factor (KernelTemporal), and this graph has none (a UAI or .fg "
-                f"model has no sequences); use {OTHER_ENGINES}")
-        if len(temporal) > 1 or len({id(f.frames) for f in temporal}) > 1:
-            raise FieldlibError("engine 'async': one KernelTemporal factor is supported, got "
-                                f"{len(temporal)}")
-        kt = temporal[0]
-        frames = kt.frames
-        intents = [f for f in graph.factors if isinstance(f, FrameIntent)]
-        if len(intents) > 1 or (intents and intents[0].frames is not frames):
-            raise FieldlibError("engine 'async': at most one FrameIntent on the frames of the "
-                                "KernelTemporal factor is supported")
-        fi = intents[0] if intents else None
-        position = {id(v): t for t, v in enumerate(frames)}
-        unary = []
-        for f in graph.factors:
-            if f is kt or f is fi:
-                continue
-            if stored_coupling(f) is not None:
-                raise FieldlibError(f"engine 'async': a second coupled factor {f.label} is not "
-                                    f"supported")
-            for term in f.terms():
-                ok = len(term.variables) == 1 and (
-                    id(term.variables[0]) in position
-                    or (fi is not None and term.variables[0] is fi.intent))
-                if not ok:
-                    raise FieldlibError(
-                        f"engine 'async': factor {f.label} couples "
-                        f"{', '.join(v.name for v in term.variables)} and does not support "
-                        f"stored messages (fieldlib.factors.stored); use {OTHER_ENGINES}")
-            unary.append(f)
-        others = [v for v in graph.standalone_variables()
-                  if fi is None or v is not fi.intent]
-        if others:
-            raise FieldlibError(f"engine 'async': variable {others[0].name} is not a frame of "
-                                f"the sequence nor its intent; use {OTHER_ENGINES}")
-        if len(graph.arrays) > 1:
-            raise FieldlibError("engine 'async': one VariableArray of frames is supported, "
-                                f"got {len(graph.arrays)}; use {OTHER_ENGINES}")
-        return frames, kt, fi, unary, position
-
     def run(self, graph, evidence, *, marginals, factor_marginals, map) -> Result:
         if map or factor_marginals:
             raise UnsupportedQueryError("engine 'async' gives marginals and the ELBO only")
         start = time.perf_counter()
-        frames, kt, fi, unary_factors, position = self._parts(graph)
+        frames, kt, fi, _, position = split_graph(graph)
         n = graph.batch_size or 1
         batched = graph.batch_size is not None
         dtype = graph.dtype
         device = graph.device
         t_len, s = frames.size, frames.cardinality
-        unary = torch.zeros(n, t_len, s, dtype=dtype, device=device)
-        intent_unary = None
-        if fi is not None:
-            intent_unary = torch.zeros(n, fi.intent.cardinality, dtype=dtype, device=device)
         with torch.no_grad():
-            for f in unary_factors:
-                for term in f.terms():
-                    v = term.variables[0]
-                    table = term.table.detach().to(dtype)
-                    if id(v) in position:
-                        unary[:, position[id(v)]] += table
-                    else:
-                        intent_unary += table
+            unary, intent_unary = frame_potentials(graph)
+            unary = unary.clone()
             for v, value in graph.evidence(evidence).items():
                 value = value.to(device).long().reshape(-1).expand(n)
                 keep = torch.nn.functional.one_hot(value, v.cardinality).bool()

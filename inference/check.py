@@ -30,6 +30,8 @@ from fieldlib.factors import Component, FrameIntent, KernelTemporal
 from fieldlib.graph import FactorGraph
 from fieldlib.variables import BlockDomain
 
+from .asynchronous import frame_potentials, split_graph
+from .asynchronous_step import asynchronous_step
 from .base import get_engine
 from .losses import (
     _labels,
@@ -39,6 +41,7 @@ from .losses import (
     intent_penalty,
     meanfield_loss,
 )
+from .messages import MessageStore
 
 __all__ = [
     "CheckRow",
@@ -49,6 +52,7 @@ __all__ = [
     "marginal_error",
     "gradient_error",
     "toy_temporal_field",
+    "compare_asynchronous",
 ]
 
 
@@ -278,3 +282,105 @@ def toy_temporal_field(seed: int = 0, *, frames: int | None = None, coupling: bo
           KernelTemporal(x, params["mu.mu"], kernel=1.5, component="o", name="mu"))
     labels = {"x": torch.randint(len(tuples), (t,), generator=gen)}
     return g, params, labels
+
+
+# -- the asynchronous step (MATH.md §5) ----------------------------------------------------------
+def _frames_batch(graph, labels):
+    frames, kt, fi, _, _ = split_graph(graph)
+    n, t = graph.batch_size or 1, frames.size
+    x = torch.as_tensor(labels[frames.name]).long().expand(n, t).reshape(-1)
+    table = fi.table.expand(n, *fi.table.shape[-3:]).reshape(n * t, *fi.table.shape[-2:])
+    seq = torch.arange(n).repeat_interleave(t)
+    pos = torch.arange(t).repeat(n)
+    times = kt.times.expand(n, t).reshape(-1)
+    return frames, kt, fi, n, t, x, table, seq, pos, times
+
+
+def _fresh_store(graph, labels, free, discount):
+    """A store holding each frame's outgoing messages (K, K*, H, H*) made from the marginals
+    ``free`` and the graph's current φXI: one message a frame (capacity T), discount d,
+    h = the number averaged."""
+    from fieldlib.factors.stored import stored_coupling
+
+    frames, kt, fi, n, t, x, table, seq, pos, times = _frames_batch(graph, labels)
+    store = MessageStore.temporal_field(kt.component_size, fi.intent.cardinality, capacity=t,
+                                        kernel=kt.kernel, discount=discount, scale="count",
+                                        dtype=graph.dtype)
+    q = free[frames.name].expand(n, t, frames.cardinality).reshape(n * t, -1)
+    with torch.no_grad():
+        m = dict(stored_coupling(kt).send(q, x))
+        m.update(stored_coupling(fi).send(q, x, table=table.detach()))
+    store.write(seq, pos, times, m, 0)
+    return store
+
+
+def _step_gradients(graph, labels, params, store, *, inner_iterations, l2_intent):
+    """Autograd gradients of :func:`asynchronous_step`'s loss over every frame of every
+    sequence of ``graph`` (one batch) reading ``store`` (not written)."""
+    frames, kt, fi, n, t, x, table, seq, pos, times = _frames_batch(graph, labels)
+    unary, _ = frame_potentials(graph)
+    step = asynchronous_step(store, seq, pos, times, unary.reshape(n * t, -1), x, mu=kt.mu,
+                             mu_component=kt.state_component, phi_xi=table,
+                             xi_component=fi.state_component, write=False,
+                             inner_iterations=inner_iterations, l2_intent=l2_intent)
+    return _grads(step.loss, params)
+
+
+def compare_asynchronous(graph, labels, *, params: dict | None = None, engine=None,
+                         l2_intent: float = 0.0, tol: float = 1e-10, discount: float = 0.9,
+                         steps_old=(1, 5), lr: float = 0.1,
+                         inner_iterations: int = 200) -> CheckReport:
+    """The asynchronous step (Algorithm 2) against the closed forms (MATH.md §6).
+
+    * must hold: with every other frame's CURRENT marginals in the store (the mean-field
+      fixed point; d = 1, h = the number averaged), the step's gradients over every frame
+      equal ``closed_form_gradients(form="frame")`` to rounding (max abs error <=
+      tol · (1 + max |gradient|));
+    * reported: the deviation when the stored messages are those of the fixed point of the
+      parameters k SGD steps earlier (θ + k · lr · g, g the closed-form gradient; for each
+      k in ``steps_old``) read with discount ``discount`` (d = 0.9: the paper's).
+
+    The graph is a temporal field the ``async`` engine takes (e.g. :func:`toy_temporal_field`).
+    """
+    engine = engine or get_engine("meanfield", schedule="sequential", tol=1e-14, max_iter=5000)
+    params = _default_params(graph) if params is None else params
+    declared = factor_parameters(graph)
+    key_of = {id(t): k for k, t in declared.items()}
+    evidence = _labels(graph, labels)
+    free, target = engine(graph).marginals, engine(graph, evidence).marginals
+    closed = closed_form_gradients(graph, free, target, form="frame", l2_intent=l2_intent)
+    report = CheckReport()
+    options = {"inner_iterations": inner_iterations, "l2_intent": l2_intent}
+    got = _step_gradients(graph, evidence, params, _fresh_store(graph, evidence, free, 1.0),
+                          **options)
+    for k, t in params.items():
+        ref = closed.get(key_of.get(id(t), k))
+        if ref is None:
+            report.rows.append(CheckRow("async step, fresh messages", k, note=NO_CLOSED_FORM))
+            continue
+        err, cos = gradient_error(ref, got[k])
+        report.rows.append(CheckRow("async step vs closed form (frame), fresh, d=1", k, err,
+                                    cos, must_hold=True,
+                                    ok=err <= tol * (1.0 + float(ref.abs().max()))))
+    for old in steps_old:
+        saved = {k: t.detach().clone() for k, t in declared.items()}
+        try:
+            with torch.no_grad():
+                for k, t in declared.items():
+                    if k in closed:
+                        t.add_(old * lr * closed[k].reshape(t.shape))
+            stale = {name: q.detach() for name, q in engine(graph).marginals.items()}
+            store = _fresh_store(graph, evidence, stale, discount)  # the old φXI too
+        finally:
+            with torch.no_grad():
+                for k, t in declared.items():
+                    t.copy_(saved[k])
+        got = _step_gradients(graph, evidence, params, store, **options)
+        for k, t in params.items():
+            ref = closed.get(key_of.get(id(t), k))
+            if ref is None:
+                continue
+            err, cos = gradient_error(ref, got[k])
+            report.rows.append(CheckRow(f"async step, d={discount:g}, messages {old} "
+                                        f"step{'s' if old != 1 else ''} old", k, err, cos))
+    return report

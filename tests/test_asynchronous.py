@@ -277,3 +277,19 @@ def test_asynchronous_training_reaches_the_synchronous_marginals():
     assert float(tv.mean()) < 0.15 and float(tv_init.mean()) > 0.5
     acc = [float((q.argmax(-1) == labels).double().mean()) for q in (q_sync, q_async)]
     assert abs(acc[0] - acc[1]) <= 0.1 and min(acc) > 0.8
+
+
+def test_gradcheck_rows_for_the_asynchronous_step(capsys):
+    from fieldlib.inference.check import compare_asynchronous
+
+    g, params, labels = toy_temporal_field(3)
+    report = compare_asynchronous(g, labels, params=params, l2_intent=4e-4, steps_old=(2,))
+    fresh = [r for r in report.rows if r.must_hold]
+    stale = [r for r in report.rows if not r.must_hold]
+    assert len(fresh) == len(stale) == len(params) and report.ok
+    assert all(r.max_abs < 1e-12 for r in fresh)
+    assert all(r.max_abs > 1e-8 for r in stale)  # an approximation: reported, not exact
+    assert main(["gradcheck", "--trials", "1", "--async-steps-old", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "async step vs closed form (frame), fresh, d=1" in out
+    assert "async step, d=0.9, messages 3 steps old" in out
