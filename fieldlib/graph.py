@@ -104,7 +104,7 @@ class FactorGraph:
         if f.name is None:
             f.name = f"{f.kind}{len(self.factors)}"
         seen = set()
-        for v in f.variables():
+        for v in ([] if self._scope_known(f) else f.variables()):  # names the culprit
             if id(v) in seen:
                 raise FieldlibError(f"{f.label} uses variable {v.name!r} twice in its scope")
             seen.add(id(v))
@@ -117,6 +117,17 @@ class FactorGraph:
             self._set_batch(f.batch_size, f.label)
         self._check_tensors(f)
         self.factors.append(f)
+
+    def _scope_known(self, f: Factor) -> bool:
+        """Whether every variable of ``f`` is in this graph, each once, decided per scope
+        item (an array of the graph holds its variables) without a pass over positions."""
+        arrays = [s for s in f.scope if isinstance(s, VariableArray)]
+        lone = [s for s in f.scope if not isinstance(s, VariableArray)]
+        ids = {id(a) for a in arrays}
+        return (len(ids) == len(arrays) and len({id(v) for v in lone}) == len(lone)
+                and all(self.arrays.get(a.name) is a for a in arrays)
+                and all(self.variables.get(v.name) is v for v in lone)
+                and not any(v.array is not None and id(v.array) in ids for v in lone))
 
     def _set_batch(self, n: int, what: str) -> None:
         if self.batch_size is not None and self.batch_size != n:

@@ -117,8 +117,9 @@ def check_log_potential(tensor, what: str) -> torch.Tensor:
         )
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
-    bad = torch.isnan(t) | (t == math.inf)
-    if bool(bad.any()):
+    top = t.detach().amax() if t.numel() else None  # NaN and +inf both reach the max
+    if top is not None and bool(torch.isnan(top) | (top == math.inf)):
+        bad = torch.isnan(t) | (t == math.inf)
         where = tuple(int(i) for i in bad.nonzero()[0])
         value = "NaN" if bool(torch.isnan(t[where])) else "+inf"
         raise InvalidPotentialError(
