@@ -45,8 +45,9 @@ BATCH = -1
 #: libraries, thread pools, autograd's graph), measured at 13-18 MiB on the smallest problems.
 FIXED_OVERHEAD = 16 * 2**20
 #: What the allocator holds beyond the live tensors: freed blocks it keeps (peak RSS / peak of
-#: live tensor bytes measured 1.05-1.25 on DBN_11 and grids, 1.95 on ObjectDetection_11).
-MARGIN = 1.4
+#: live tensor bytes measured 1.05-1.25 on DBN_11 and grids, 1.9-2.1 on ObjectDetection_11;
+#: 1.3 keeps the estimate within 1.5x of peak RSS either way on all of them).
+MARGIN = 1.3
 
 
 @dataclass(frozen=True)
