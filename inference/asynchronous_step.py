@@ -108,7 +108,8 @@ def _sync(device):
 
 
 def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_component=None,
-                      phi_xi=None, xi_component=None, iteration: int | None = None,
+                      phi_xi=None, xi_component=None, intent_unary=None,
+                      iteration: int | None = None,
                       inner_iterations: int = 5, l2_intent: float = 0.0,
                       write: bool = True) -> AsyncStep:
     """Algorithm 2 on B sampled frames (module docstring).
@@ -128,6 +129,9 @@ def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_com
         phi_xi: ``(B, D_I, N_I)`` ψ_i = φXI of each frame, differentiable and finite; None:
             no intent.
         xi_component: ``(S,)`` each state's value of φXI's component (None: identity).
+        intent_unary: ``(B, N_I)`` log-potentials of the intent's own factors (e.g. a prior
+            on I), added to log Q_I and to P(I | x*)'s logits; a constant of the step (no
+            gradient flows to it).
         iteration: the iteration the outgoing messages are written with (default: the
             store's last iteration + 1).
         inner_iterations: Q_i / Q_I alternations (default 5).
@@ -170,8 +174,10 @@ def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_com
     inc = store.read(seq, frame, time_)
     _sync(device)
     t1 = time.perf_counter()
+    if intent_unary is not None:
+        intent_unary = torch.as_tensor(intent_unary).detach()
     q, q_i = local_update(unary, inc, temporal=temporal, mu=mu, intent=intent, table=phi_xi,
-                          inner_iterations=inner_iterations)
+                          intent_unary=intent_unary, inner_iterations=inner_iterations)
     _sync(device)
     t2 = time.perf_counter()
 
@@ -180,7 +186,7 @@ def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_com
     pi = None
     if intent is not None:
         with torch.no_grad():
-            pi = intent.target_latent(inc, label, table=phi_xi.detach())
+            pi = intent.target_latent(inc, label, table=phi_xi.detach(), extra=intent_unary)
         per_frame = per_frame + intent.frame_energy(q, q_i, label, pi, table=phi_xi)
     if temporal is not None:
         per_frame = per_frame + temporal.frame_energy(q, label, inc, mu=mu)

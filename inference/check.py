@@ -318,10 +318,11 @@ def _step_gradients(graph, labels, params, store, *, inner_iterations, l2_intent
     """Autograd gradients of :func:`asynchronous_step`'s loss over every frame of every
     sequence of ``graph`` (one batch) reading ``store`` (not written)."""
     frames, kt, fi, n, t, x, table, seq, pos, times = _frames_batch(graph, labels)
-    unary, _ = frame_potentials(graph)
+    unary, intent_unary = frame_potentials(graph)
     step = asynchronous_step(store, seq, pos, times, unary.reshape(n * t, -1), x, mu=kt.mu,
                              mu_component=kt.state_component, phi_xi=table,
-                             xi_component=fi.state_component, write=False,
+                             xi_component=fi.state_component,
+                             intent_unary=intent_unary.repeat_interleave(t, 0), write=False,
                              inner_iterations=inner_iterations, l2_intent=l2_intent)
     return _grads(step.loss, params)
 

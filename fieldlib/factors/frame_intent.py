@@ -21,6 +21,7 @@ from fieldlib.factors.base import (
     register_factor,
 )
 from fieldlib.factors.beliefs import Beliefs, split_impossible, with_impossible
+from fieldlib.factors.stored import IntentCoupling
 from fieldlib.variables import BlockDomain, Variable, VariableArray
 
 __all__ = ["FrameIntent", "component_map"]
@@ -141,3 +142,10 @@ class FrameIntent(Factor):
         on the component (the same in both forms: each term has one frame)."""
         qc = q.component_marginal(self.frames, self.component)
         return {"table": torch.einsum("ntd,ni->ntdi", qc, q.probs(self.intent))}
+
+    # -- stored messages (asynchronous mean-field, MATH.md §4-5; fieldlib.factors.stored) ----
+    def stored_coupling(self) -> IntentCoupling:
+        """What a frame sends (H_j, H*_j) and how the incoming ones combine (Q_I's update,
+        Σ_I Q_I ψ, P(I | x*)): docs/asynchronous.md."""
+        return IntentCoupling(self.state_component, self.component_size,
+                              self.intent.cardinality)

@@ -21,6 +21,7 @@ from fieldlib.factors.base import (
 )
 from fieldlib.factors.beliefs import Beliefs
 from fieldlib.factors.frame_intent import component_map
+from fieldlib.factors.stored import TemporalCoupling
 from fieldlib.kernels import (
     GaussianKernel,
     KernelSum,
@@ -219,3 +220,9 @@ class KernelTemporal(Factor):
             return {"mu": self.per_frame_gradient(q).sum(1)}
         qc = q.component_marginal(self.frames, self.component)
         return {"mu": torch.einsum("nij,nia,njb->nab", self._batch_kernel(q.batch), qc, qc)}
+
+    # -- stored messages (asynchronous mean-field, MATH.md §4-5; fieldlib.factors.stored) ----
+    def stored_coupling(self) -> TemporalCoupling:
+        """What a frame sends (K_j, K*_j on µ's component) and how the incoming ones combine
+        (FA_i + FB_i with the current µ): docs/asynchronous.md."""
+        return TemporalCoupling(self.state_component, self.component_size)

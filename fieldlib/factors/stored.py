@@ -14,10 +14,10 @@ by a message store (Eq. 10). A coupled factor type joins through two small objec
 * its per-frame surrogate energy :meth:`StoredCoupling.frame_energy` -> ``(B,)``: with Q
   held fixed its autograd gradient is the factor's Eq. 7-9 row of the frame.
 
-:func:`stored_coupling` returns a factor's coupling: the factor's own ``stored_coupling()``
-method when it has one (a user's type), else the default for its type (``KernelTemporal``:
-:class:`TemporalCoupling`, ``FrameIntent``: :class:`IntentCoupling`). docs/asynchronous.md
-describes the protocol.
+:func:`stored_coupling` returns a factor's coupling: its type's ``stored_coupling()``
+method (``KernelTemporal.stored_coupling`` gives a :class:`TemporalCoupling`,
+``FrameIntent.stored_coupling`` an :class:`IntentCoupling`; a user's coupled type defines its
+own). docs/asynchronous.md describes the protocol.
 """
 
 from __future__ import annotations
@@ -130,10 +130,11 @@ class IntentCoupling:
         constant (Eq. 6)."""
         return incoming.total["H"].to(table.dtype) + self._own(q, table)
 
-    def target_latent(self, incoming, label, *, table) -> torch.Tensor:
-        """``(B, N_I)``: P(I | x*) = softmax_I(Σ_{j≠i} H*_j + ψ_i(x*_i, I)) (Eq. 8)."""
-        return torch.softmax(incoming.total["H_star"].to(table.dtype)
-                             + self._star(label, table), -1)
+    def target_latent(self, incoming, label, *, table, extra=None) -> torch.Tensor:
+        """``(B, N_I)``: P(I | x*) = softmax_I(Σ_{j≠i} H*_j + ψ_i(x*_i, I) [+ extra]) (Eq. 8;
+        ``extra``: the intent's own log-potentials)."""
+        logits = incoming.total["H_star"].to(table.dtype) + self._star(label, table)
+        return torch.softmax(logits if extra is None else logits + extra, -1)
 
     def frame_message(self, q_latent, *, table) -> torch.Tensor:
         """``(B, S)``: Σ_I Q_I(I) ψ_i(c(x), I) on the frame's states."""
@@ -149,26 +150,12 @@ class IntentCoupling:
         return (w * table).sum((-1, -2))
 
 
-def _default(factor):
-    from fieldlib.factors.frame_intent import FrameIntent
-    from fieldlib.factors.kernel_temporal import KernelTemporal
-
-    if isinstance(factor, KernelTemporal):
-        return TemporalCoupling(factor.state_component, factor.component_size)
-    if isinstance(factor, FrameIntent):
-        return IntentCoupling(factor.state_component, factor.component_size,
-                              factor.intent.cardinality)
-    return None
-
-
 def stored_coupling(factor):
-    """The factor's :class:`StoredCoupling`: its own ``stored_coupling()`` when it defines
-    one, else the built-in default for its type, else None (the factor cannot take part in
-    asynchronous mean-field)."""
+    """The factor's :class:`StoredCoupling` (its type's ``stored_coupling()`` method:
+    ``KernelTemporal`` and ``FrameIntent`` define one), or None: the factor cannot take part
+    in asynchronous mean-field."""
     own = getattr(factor, "stored_coupling", None)
-    if callable(own):
-        return own()
-    return _default(factor)
+    return own() if callable(own) else None
 
 
 def supports_stored_messages(factor) -> bool:
