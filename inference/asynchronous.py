@@ -11,7 +11,7 @@ the batch: position t of every sequence at once); a visited frame
 3. writes its outgoing messages (what its coupled factors send: K for ``KernelTemporal``,
    H for ``FrameIntent``; fieldlib.factors.stored).
 
-With d = 1, a capacity holding one fresh message per frame (the default: the array's size)
+With d = 1, a capacity holding one fresh message per frame (the default: each sequence's length)
 and h = the number averaged (``scale="count"``) or ``normalize=False`` with h = 1, the
 messages read are the exact sums of MATH.md §3, and a fixed point of this schedule is a fixed
 point of :class:`~fieldlib.inference.meanfield.MeanField`: on weakly coupled fields (a unique
@@ -134,7 +134,7 @@ class AsynchronousMeanField(Engine):
         scale: h of Eq. 10: ``"count"`` (h = the number of messages averaged, so that with
             d = 1 the average is the plain sum) or a number.
         normalize: divide by Σ d^r (Eq. 10); False: h · Σ d^r k f.
-        capacity: messages kept per sequence (None: the array's size, one per frame).
+        capacity: messages kept per sequence (None: the sequence's length, one per frame).
         inner_iterations: Q_i / Q_I alternations per visited frame (default 5).
         passes: maximum number of passes over the frames.
         tol: stop when no probability changed by more than ``tol`` in a pass.
@@ -207,11 +207,16 @@ class AsynchronousMeanField(Engine):
         fields = dict(temporal.fields())
         if intent is not None:
             fields.update(intent.fields())
-        store = MessageStore({k: v[0] for k, v in fields.items()},
-                             temporal=[k for k, v in fields.items() if v[1]],
-                             capacity=self.capacity or t_len, kernel=kt.kernel,
-                             discount=self.discount, scale=self.scale,
-                             normalize=self.normalize, dtype=dtype, device=device)
+        # one store per sequence length, so that the default capacity (the length) holds
+        # one message a frame of every sequence (padded frames never write)
+        groups = []
+        for size in torch.unique(length).tolist():
+            store = MessageStore({k: v[0] for k, v in fields.items()},
+                                 temporal=[k for k, v in fields.items() if v[1]],
+                                 capacity=self.capacity or max(int(size), 1), kernel=kt.kernel,
+                                 discount=self.discount, scale=self.scale,
+                                 normalize=self.normalize, dtype=dtype, device=device)
+            groups.append((int(size), (length == size).nonzero().flatten(), store))
         seq = torch.arange(n, device=device)
         q = torch.zeros(n, t_len, s, dtype=dtype, device=device)
         q_intent_local = None
@@ -221,9 +226,8 @@ class AsynchronousMeanField(Engine):
         with torch.no_grad():
             for p in range(self.passes):
                 before = q.clone()
-                for t in order:
-                    rows = (length > t).nonzero().flatten()
-                    if rows.numel() == 0:
+                for t, (size, rows, store) in ((t, g) for t in order for g in groups):
+                    if t >= size:
                         continue
                     fr = torch.full((rows.numel(),), int(t), device=device)
                     inc = store.read(seq[rows], fr, times[rows, t])
