@@ -208,6 +208,9 @@ def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_com
             if missing:
                 raise FieldlibError(f"asynchronous_step: the store holds fields {missing} that "
                                     f"this step does not send (sent: {sorted(messages)})")
+        dtype = getattr(store, "dtype", None)
+        if dtype is not None:  # e.g. float64 potentials, a float32 store
+            messages = {k: v.to(dtype) for k, v in messages.items()}
         if write:
             store.write(seq, frame, time_, messages, iteration)
     _sync(device)

@@ -308,3 +308,14 @@ def test_engine_on_a_padded_batch_equals_meanfield_and_single_sequences():
     assert float((a.elbo - m.elbo).abs().max()) < 1e-6
     one, _, _, _ = _toy(n=None, t=5, coupling=0.3, seed=2)
     assert get_engine("async", tol=1e-12)(one).marginals["x"].shape == (5, 10)
+
+
+def test_step_with_float64_potentials_writes_to_a_float32_store():
+    g, params, labels = toy_temporal_field(1, frames=3)
+    kt, fi, unary = _parts(g)
+    store = MessageStore.temporal_field(kt.component_size, fi.intent.cardinality,
+                                        kernel=kt.kernel)  # float32
+    step = asynchronous_step(store, [7, 7, 7], [0, 1, 2], kt.times, unary, labels["x"],
+                             mu=kt.mu, mu_component=kt.state_component, phi_xi=fi.table,
+                             xi_component=fi.state_component)
+    assert step.loss.dtype == F64 and store.messages(7)["K"].dtype == torch.float32
