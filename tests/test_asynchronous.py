@@ -26,13 +26,14 @@ def _parts(g):
     return kt, fi, unary
 
 
-def _fresh_store(g, free, labels, capacity=None):
+def _fresh_store(g, free, labels, capacity=None, **options):
     """A store holding every frame's message from the CURRENT marginals (d = 1, h = n)."""
     kt, fi, _ = _parts(g)
     t = kt.frames.size
+    options = options or {"scale": "count"}
     store = MessageStore.temporal_field(kt.component_size, fi.intent.cardinality,
                                         capacity=capacity or t, kernel=kt.kernel,
-                                        discount=1.0, scale="count", dtype=F64)
+                                        discount=1.0, dtype=F64, **options)
     with torch.no_grad():
         m = dict(stored_coupling(kt).send(free["x"], labels["x"]))
         m.update(stored_coupling(fi).send(free["x"], labels["x"], table=fi.table.detach()))
@@ -79,6 +80,22 @@ def test_fresh_messages_give_the_closed_form_rows_of_each_frame(seed):
                              mu_component=kt.state_component, phi_xi=fi.table,
                              xi_component=fi.state_component, inner_iterations=200,
                              l2_intent=0.01, write=False)
+    got = _grads(step.loss, params)
+    for k in params:
+        assert float((closed[k] - got[k]).abs().max()) < 1e-12, k
+
+
+def test_fresh_messages_as_a_plain_sum_without_normalisation():
+    g, params, labels = toy_temporal_field(5, frames=3)
+    mf = get_engine("meanfield", schedule="sequential", tol=1e-14, max_iter=5000)
+    free, target = mf(g).marginals, mf(g, labels).marginals
+    kt, fi, unary = _parts(g)
+    store = _fresh_store(g, free, labels, normalize=False, scale=1.0)
+    step = asynchronous_step(store, [0] * 3, torch.arange(3), kt.times, unary, labels["x"],
+                             mu=kt.mu, mu_component=kt.state_component, phi_xi=fi.table,
+                             xi_component=fi.state_component, inner_iterations=200,
+                             write=False)
+    closed = closed_form_gradients(g, free, target, form="frame")
     got = _grads(step.loss, params)
     for k in params:
         assert float((closed[k] - got[k]).abs().max()) < 1e-12, k
