@@ -173,8 +173,9 @@ class BlockDomain(Domain):
         return list(self.components).index(name)
 
     def component(self, name: str) -> torch.Tensor:
-        """``LongTensor (S,)``: the value of component ``name`` in each block state."""
-        return self.tuples[:, self.component_index(name)]
+        """``LongTensor (S,)``: the value of component ``name`` in each block state
+        (contiguous: as an index of ``gather`` / ``index_add`` a strided column is slower)."""
+        return self.tuples[:, self.component_index(name)].contiguous()
 
     def flat_index(self, names: Sequence[str]) -> tuple[torch.Tensor, int]:
         """Row-major index of each block state's sub-tuple on ``names`` (C order), and the

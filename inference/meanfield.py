@@ -326,8 +326,7 @@ class MeanField(Engine):
                 mine.add(key)
 
         def full(g):
-            grp = layout.groups[g]
-            return (state.batch, grp.size, grp.card)
+            return (state.batch, layout.groups[g].size, layout.groups[g].card)
 
         if base is not None:
             for g in (base if groups is None else groups):
@@ -417,7 +416,7 @@ class MeanField(Engine):
     def _sweep(self, run: _Run, phases, damping) -> torch.Tensor:
         """One iteration over ``phases``; returns the max change per batch element."""
         state, layout, unary = run.state, run.layout, run.unary
-        change = torch.zeros(state.batch, dtype=state.dtype, device=state.device)
+        changes = []
         for groups, factors in phases:
             state.set_wants(groups)
             msgs = self._collect(factors, state, layout, groups, base=unary)
@@ -430,10 +429,11 @@ class MeanField(Engine):
                 return soft[0]
 
             for g, mask in groups.items():
-                change = torch.maximum(change, self._update(
-                    run, g, msgs[g], mask, soft_messages, damping))
+                changes.append(self._update(run, g, msgs[g], mask, soft_messages, damping))
         state.set_wants(None)
-        return change
+        if not changes:
+            return torch.zeros(state.batch, dtype=state.dtype, device=state.device)
+        return changes[0] if len(changes) == 1 else torch.stack(changes).amax(0)
 
     @staticmethod
     def _constant_energy(constant, state, zero, batched) -> torch.Tensor:
@@ -696,6 +696,6 @@ def _marginals(graph, layout, state, batched) -> dict:
         q = q if batched else q[0]
         if g.array is not None:
             out[g.array.name] = q
-        for p, v in enumerate(g.variables):
-            out[v.name] = q[..., p, :]
+        # one view per variable from one unbind (not one Python indexing per position)
+        out.update(zip((v.name for v in g.variables), q.unbind(-2)))
     return {k: out[k] for k in [*graph.variables, *graph.arrays]}

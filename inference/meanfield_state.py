@@ -219,8 +219,8 @@ class MeanFieldState:
         for q, logq in zip(self.q, self._logq):
             if not q.numel():
                 continue
-            if logq is None:  # q log q in one pass, 0 where q = 0
-                plogp = torch.special.xlogy(q, q)
+            if logq is None:  # q log q; 0 · log 0 = NaN -> 0 (faster than xlogy or where)
+                plogp = (q * torch.log(q)).nan_to_num_(nan=0.0)
             else:
                 plogp = torch.where(q > 0, q * logq, q.new_zeros(()))
             total = total - plogp.sum((1, 2))
