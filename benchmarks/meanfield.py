@@ -365,7 +365,7 @@ def part2(lengths, repeats):
         tf, r = _clock(lambda gt=gt: one(gt, marginals=False))
         setup = r.info.get("setup_seconds")
         sweep = r.info.get("sweep_seconds")
-        reps = max(1, min(repeats, int(2e5 // (t * 10)) or 1))
+        reps = max(3, min(repeats, int(2e5 // (t * 10))))
         calls = [_clock(lambda gt=gt: one(gt, marginals=False))[0] for _ in range(reps)]
         q = _fixed_q(gt)
         msgs = [_clock(lambda gt=gt, q=q: frame_messages(gt, q))[0] for _ in range(reps)]
