@@ -26,6 +26,12 @@ future when larger, with weight k(0). With frame id = array position and d = 1, 
 (``scale="count"``), or ``normalize=False`` and h = 1, ``past``/``future`` are exactly
 ``fieldlib.kernels.temporal_sums`` of the stored values (tested).
 
+The scale h is a number, ``"count"`` (h = n, the messages of the set) or ``"frames"`` (h = the
+distinct frames among those n messages: what MATH.md §5's "the number of frames the average
+stands for" means when a frame has several stored messages, e.g. capacity 50 > T = 25, where
+``"count"`` is about twice it). Both are per read row and per set; with one stored message a
+frame they are equal.
+
 What is stored (per message, the fields declared at construction; :meth:`temporal_field`
 declares MATH.md §4's four). A field is either ``temporal`` (read as ``past`` and ``future``)
 or not (read as ``total``). The point is to store what does not depend on parameters that
@@ -81,6 +87,7 @@ __all__ = [
 KEY_LIMIT = 1 << 62
 _NO_ITERATION = -(1 << 63)
 _STATE_FORMAT = "fieldlib.MessageStore/1"
+_SCALES = ("count", "frames")  # h = the set's messages, or the distinct frames they come from
 
 
 class MessageStoreError(FieldlibError):
@@ -237,8 +244,17 @@ class MessageStore:
             callable on time differences, evaluated at |t_j - t_i| (later minus earlier, as
             KernelTemporal does). Default σ = 150.
         discount: d in [0, 1] (paper 0.9); d = 0 keeps only the newest message of a set.
-        scale: h > 0, or ``"count"``: h = the number of messages of the set (with d = 1
-            the average becomes the plain sum of MATH.md §3).
+        scale: h > 0, ``"count"`` or ``"frames"``, per read row and per set (past, future,
+            total separately, as the normalisation). ``"count"``: h = the number of messages
+            of the set (with d = 1 the average becomes the plain sum of MATH.md §3).
+            ``"frames"``: h = the number of DISTINCT other frames among them, the number of
+            frames the average stands for (MATH.md §5). They differ only when a frame has
+            several stored messages (a frame written again while its older message is still
+            stored, e.g. ``capacity`` above the frames of a sequence): with capacity 50 and
+            T = 25 (the released code's setting) ``"count"`` is about twice the frames. They
+            agree whenever every frame has at most one stored message (e.g. capacity <= T and
+            each frame written once per round, as the async engine does with capacity = T);
+            d does not enter h. For Charades training with repeated frames use ``"frames"``.
         normalize: True (Eq. 10): divide by Σ_r d^r; False: h · Σ_r d^r k f.
         strict: reading a sequence never written nor declared (:meth:`add_sequences`)
             raises UnknownSequenceError; False (default): it reads zero messages.
@@ -284,10 +300,12 @@ class MessageStore:
                 or not 0.0 <= float(discount) <= 1.0:
             raise MessageStoreError(f"discount d: a number in [0, 1], got {discount!r}")
         self.discount = float(discount)
-        if scale != "count" and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                                 or not (math.isfinite(scale) and scale > 0)):
-            raise MessageStoreError(f"scale h: a finite number > 0 or 'count', got {scale!r}")
-        self.scale = scale if scale == "count" else float(scale)
+        named = isinstance(scale, str) and scale in _SCALES
+        if not named and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                          or not (math.isfinite(scale) and scale > 0)):
+            raise MessageStoreError(f"scale h: a finite number > 0, 'count' or 'frames', got "
+                                    f"{scale!r}")
+        self.scale = scale if named else float(scale)
         self.normalize, self.strict = bool(normalize), bool(strict)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise MessageStoreError(f"dtype: a floating torch dtype, got {dtype!r}")
@@ -615,13 +633,37 @@ class MessageStore:
                 f"{self.name(int(keys[i]))} (strict store: write to it or declare it with "
                 f"add_sequences first)")
 
-    def _set_weights(self, mask: torch.Tensor, kw: torch.Tensor | None):
+    @staticmethod
+    def _frame_runs(fr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, run)``, each ``(B, C)``: the cells of each row sorted by frame id, and
+        the index of each sorted cell's run of equal frame ids (0, 1, ... per row)."""
+        sorted_fr, order = torch.sort(fr, dim=1, stable=True)
+        new = torch.ones_like(sorted_fr, dtype=torch.bool)
+        new[:, 1:] = sorted_fr[:, 1:] != sorted_fr[:, :-1]
+        return order, new.cumsum(1) - 1
+
+    @staticmethod
+    def _distinct(mask: torch.Tensor, runs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``(B,)``: the number of distinct frame ids among each row's cells in ``mask`` (a
+        run of equal frame ids counts once when any of its cells is in the mask)."""
+        order, run = runs
+        hit = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+        hit.scatter_add_(1, run, mask.gather(1, order).to(torch.int64))
+        return (hit > 0).sum(1)
+
+    def _set_weights(self, mask: torch.Tensor, kw: torch.Tensor | None, runs=None):
         """``(weights (B, C) float64, n (B,))`` of one set of Eq. 10: mask (B, C) the set's
-        messages newest first, kw the kernel weights (None: no kernel)."""
+        messages newest first, kw the kernel weights (None: no kernel), runs the cells'
+        frame-id runs (:meth:`_frame_runs`, for ``scale="frames"``)."""
         n = mask.sum(1)
         rank = (mask.cumsum(1) - 1).clamp(min=0)  # 0 = the newest message of the set
         disc = torch.where(mask, self._powers[rank], 0.0)  # d^r
-        h = n.to(torch.float64) if self.scale == "count" else self.scale
+        if self.scale == "count":
+            h = n.to(torch.float64)
+        elif self.scale == "frames":
+            h = self._distinct(mask, runs).to(torch.float64)
+        else:
+            h = self.scale
         if self.normalize:
             denom = disc.sum(1)
             norm = torch.where(denom > 0, h / denom.clamp(min=1e-300), 0.0)
@@ -661,9 +703,10 @@ class MessageStore:
                     f"read: the kernel {kernel!r} is {float(kw[i, j])} at time difference "
                     f"{float((t[i, j] - ti[i, 0]).abs())} ({self._where(keys, frames, i)}); "
                     f"kernel values must be finite")
-        w_past, n_past = self._set_weights(past, kw)
-        w_future, n_future = self._set_weights(future, kw)
-        w_total, n_total = self._set_weights(other, None)
+        runs = self._frame_runs(fr) if self.scale == "frames" else None
+        w_past, n_past = self._set_weights(past, kw, runs)
+        w_future, n_future = self._set_weights(future, kw, runs)
+        w_total, n_total = self._set_weights(other, None, runs)
         out = Incoming({}, {}, {}, n_past, n_future, n_total,
                        it.masked_fill(~valid, -1).amax(1), known)
         both = torch.stack([w_past, w_future], 1).to(self.dtype)  # (B, 2, C)

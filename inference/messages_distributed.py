@@ -94,6 +94,8 @@ class DistributedMessageStore:
         fields, temporal, capacity, kernel, discount, scale, normalize, strict, dtype,
             device: as for ``MessageStore`` (the same on every rank). ``device`` must be a
             CUDA device with nccl (each rank its own), may be anything gloo accepts (CPU).
+            ``scale="frames"`` gives the in-memory store's h (the distinct other frames per
+            row and set): a sequence's messages all live on its owner, which counts them.
         group: the process group (default: the default group, which must be initialised
             with ``torch.distributed.init_process_group``).
 

@@ -77,10 +77,10 @@ class ReferenceStore:
         if n == 0:
             return [0.0] * self.fields[field][0]
         disc = [self.d ** r for r in range(n)]
-        h = n if self.h == "count" else self.h
+        h = {"count": n, "frames": len({fj for _, _, fj in msgs})}.get(self.h, self.h)
         norm = h / sum(disc) if self.normalize else h
         out = [0.0] * self.fields[field][0]
-        for r, (w_k, values) in enumerate(msgs):
+        for r, (w_k, values, _) in enumerate(msgs):
             for u, v in enumerate(values[field]):
                 out[u] += norm * disc[r] * (w_k if kernel else 1.0) * v
         return out
@@ -88,11 +88,11 @@ class ReferenceStore:
     def read(self, seq, frame, t):
         stored = self.seqs.get(seq, [])
         k = lambda dt: math.exp(-dt * dt / (2 * self.sigma ** 2))  # noqa: E731
-        past = [(k(t - tj), v) for fj, tj, v in stored
+        past = [(k(t - tj), v, fj) for fj, tj, v in stored
                 if fj != frame and (tj < t or (tj == t and fj < frame))]
-        future = [(k(tj - t), v) for fj, tj, v in stored
+        future = [(k(tj - t), v, fj) for fj, tj, v in stored
                   if fj != frame and (tj > t or (tj == t and fj > frame))]
-        total = [(1.0, v) for fj, tj, v in stored if fj != frame]
+        total = [(1.0, v, fj) for fj, tj, v in stored if fj != frame]
         out = {}
         for f in self.fields:
             if f in self.temporal:
@@ -206,7 +206,8 @@ def test_weights_newest_largest_normalised_and_scaled():
 
 
 def test_scale_count_and_unnormalised_give_the_kernel_sums_of_kerneltemporal():
-    """d = 1 with h = n (or no normalisation, h = 1) and every frame stored once: past and
+    """d = 1 with h = n (or the frames, or no normalisation, h = 1) and every frame stored
+    once: past and
     future are exactly fieldlib.kernels.temporal_sums, ties in time ordered by frame id as
     KernelTemporal orders them by position; µ applied after gives its FA + FB."""
     gen = torch.Generator().manual_seed(3)
@@ -218,7 +219,8 @@ def test_scale_count_and_unnormalised_give_the_kernel_sums_of_kerneltemporal():
     for kernel in (GaussianKernel(2.0), KernelSum([GaussianKernel(1.0), GaussianKernel(5.0)],
                                                    [0.3, 1.2])):
         past, future = temporal_sums(kernel, times, q[None], method="dense")
-        for options in (dict(scale="count"), dict(normalize=False, scale=1.0)):
+        for options in (dict(scale="count"), dict(scale="frames"),
+                        dict(normalize=False, scale=1.0)):
             store = MessageStore({"K": (d,)}, capacity=t_len, kernel=kernel, discount=1.0,
                                  dtype=F64, **options)
             order = torch.randperm(t_len, generator=gen)  # written in any order
@@ -231,6 +233,91 @@ def test_scale_count_and_unnormalised_give_the_kernel_sums_of_kerneltemporal():
             fa_fb = factor.expected_messages(FixedBeliefs({"x": q}, 1))[frames].message[0]
             fa, fb = inc.kernel_messages(mu)
             torch.testing.assert_close(fa + fb, fa_fb, rtol=1e-12, atol=1e-13)
+
+
+def repeated_frames_store(cls, scale, **options):
+    """Sequence 1: frames 0, 1, 2 at times 0, 1, 2 written twice (iterations 1..6, values
+    K = 1..6, H = 10..60), capacity 6 > 3 frames: every frame has two stored messages."""
+    store = cls({"K": (1,), "H": (1,)}, temporal=("K",), capacity=6,
+                kernel=lambda dt: torch.ones_like(dt), discount=0.5, scale=scale, dtype=F64,
+                **options)
+    for it in range(1, 7):
+        fr = (it - 1) % 3
+        store.write([1], [fr], [float(fr)], {"K": torch.tensor([[float(it)]], dtype=F64),
+                                             "H": torch.tensor([[10.0 * it]], dtype=F64)}, it)
+    return store
+
+
+def test_scale_frames_counts_distinct_frames_by_hand(make_store):
+    """capacity > frames: "count" takes h = the messages averaged, "frames" the distinct
+    frames they come from; here every frame is stored twice, so count = 2 x frames."""
+    rows = ([1, 1, 1], [1, 7, 0], [1.0, 1.5, 0.0])  # frame 1; a new frame 7; frame 0
+    # newest first: (it 6, frame 2), (5, 1), (4, 0), (3, 2), (2, 1), (1, 0); kernel 1, d 0.5
+    avg = {  # Σ_r d^r f / Σ_r d^r per set, ranks newest first within the set
+        "past": [(4 + 0.5 * 1) / 1.5,  # frame 1: frame 0's messages (it 4, 1)
+                 (5 + 0.5 * 4 + 0.25 * 2 + 0.125 * 1) / 1.875,  # frame 7: frames 1, 0
+                 0.0],  # frame 0: nothing before
+        "future": [(6 + 0.5 * 3) / 1.5,  # frame 1: frame 2's (it 6, 3)
+                   (6 + 0.5 * 3) / 1.5,  # frame 7 at 1.5: frame 2's
+                   (6 + 0.5 * 5 + 0.25 * 3 + 0.125 * 2) / 1.875],  # frame 0: frames 2, 1
+        "total": [(60 + 0.5 * 40 + 0.25 * 30 + 0.125 * 10) / 1.875,
+                  sum(0.5 ** r * 10 * v for r, v in enumerate([6, 5, 4, 3, 2, 1])) / 1.96875,
+                  (60 + 0.5 * 50 + 0.25 * 30 + 0.125 * 20) / 1.875],
+    }
+    h = {"count": {"past": [2, 4, 0], "future": [2, 2, 4], "total": [4, 6, 4]},
+         "frames": {"past": [1, 2, 0], "future": [1, 1, 2], "total": [2, 3, 2]}}
+    for scale in ("count", "frames"):
+        inc = repeated_frames_store(make_store, scale).read(*rows)
+        for kind, field in (("past", "K"), ("future", "K"), ("total", "H")):
+            want = torch.tensor([hh * a for hh, a in zip(h[scale][kind], avg[kind])], dtype=F64)
+            torch.testing.assert_close(getattr(inc, kind)[field][:, 0], want, rtol=1e-14,
+                                       atol=0, msg=f"{scale} {kind}")
+        # n_* count the messages whatever the scale
+        assert inc.n_past.tolist() == h["count"]["past"]
+        assert inc.n_future.tolist() == h["count"]["future"]
+        assert inc.n_total.tolist() == h["count"]["total"]
+    unnormalised = repeated_frames_store(make_store, "frames", normalize=False).read(*rows)
+    torch.testing.assert_close(unnormalised.total["H"][:, 0],  # h · Σ d^r f, h = frames
+                               torch.tensor([2 * 88.75, 3 * 100.3125, 2 * 95.0], dtype=F64),
+                               rtol=1e-14, atol=0)
+
+
+def test_scale_frames_equals_count_with_one_message_a_frame(make_store):
+    """Every frame with at most one stored message (written once each; or written in order
+    with capacity < frames, so the kept messages are of distinct frames): "frames" and
+    "count" give the same reads, bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    for capacity, t_len in ((12, 9), (4, 10)):
+        frames = torch.randperm(t_len, generator=gen)
+        times = torch.rand(t_len, generator=gen, dtype=F64).round() + frames // 2
+        msgs = {"K": torch.rand(t_len, 3, generator=gen, dtype=F64),
+                "H": torch.randn(t_len, 2, generator=gen, dtype=F64)}
+        query = ([0] * (t_len + 2), torch.cat([torch.arange(t_len), torch.tensor([50, 51])]),
+                 torch.cat([times[torch.argsort(frames)], torch.tensor([0.5, 99.0], dtype=F64)]))
+        reads = []
+        for scale in ("count", "frames"):
+            store = make_store(FIELDS, temporal=("K",), capacity=capacity, kernel=2.0,
+                               discount=0.8, scale=scale, dtype=F64)
+            for i in range(t_len):
+                store.write([0], frames[i:i + 1], times[i:i + 1],
+                            {f: v[i:i + 1] for f, v in msgs.items()}, i)
+            reads.append(_flat(store.read(*query)))
+        assert all(torch.equal(reads[0][k], reads[1][k]) for k in reads[0]), (capacity, t_len)
+
+
+def test_scale_frames_matches_the_reference_with_repeated_frames(make_store):
+    gen = torch.Generator().manual_seed(2)
+    pool = [3, "vid-A", 11]
+    options = dict(temporal=("K",), capacity=9, discount=0.7, scale="frames")
+    store = make_store(FIELDS, kernel=2.0, dtype=F64, **options)
+    ref = ReferenceStore(FIELDS, sigma=2.0, **options)
+    for step in range(8):  # frames 0..5, capacity 9: frames repeat among the stored messages
+        seqs, frames, times, msgs, its = random_batch(gen, pool, [9, 4, 13][step % 3], step)
+        store.write(seqs, frames, times, msgs, its)
+        ref.write(seqs, frames.tolist(), times.tolist(), msgs, its.tolist())
+        q_seqs, q_frames, q_times, _, _ = random_batch(gen, pool, 12, step)
+        inc = store.read(q_seqs, q_frames, q_times)
+        check_against_reference(inc, ref, q_seqs, q_frames.tolist(), q_times.tolist())
 
 
 def test_eviction_order_and_batches_beyond_capacity(make_store):
@@ -477,6 +564,10 @@ def _worker(rank, port, out_dir):
             calls.append((middle - before, store.collective_calls - middle))
         result.update(reads=reads, calls=calls, state=store.state_dict(),
                       iteration=store.iteration)
+        # h = the distinct frames, counted by each sequence's owner
+        frames_store = DistributedMessageStore(FIELDS, **{**OPTIONS, "scale": "frames"})
+        result["frames_reads"] = [_flat(frames_store.write_read(*schedule(step, rank)))
+                                  for step in range(8)]
         # a one-process state re-sharded: each rank keeps the sequences it owns
         single = MessageStore(FIELDS, **OPTIONS)
         for step in range(8):
@@ -556,6 +647,17 @@ def test_two_processes_give_the_messages_of_one(tmp_path):
             # a fixed number of collectives: write 2, read 3, write_read 3
             assert results[r]["calls"][step] == ((3,) if step % 2 else (2, 3))
     assert all(res["iteration"] == single.iteration for res in results)
+    frames = MessageStore(FIELDS, **{**OPTIONS, "scale": "frames"})
+    for step in range(8):
+        batches = [schedule(step, r) for r in range(WORLD)]
+        want = _flat(frames.write_read(_cat([b[0] for b in batches]),
+                                       _cat([b[1] for b in batches])))
+        sizes = [len(b[1][0]) for b in batches]
+        for r in range(WORLD):
+            lo, got = sum(sizes[:r]), results[r]["frames_reads"][step]
+            for key, value in want.items():
+                part = value[..., lo:lo + sizes[r]] if key == "n" else value[lo:lo + sizes[r]]
+                assert torch.equal(got[key], part), ("frames", step, r, key)
     # the shards together are the single store
     merged = MessageStore(FIELDS, **OPTIONS)
     merged.load_state_dict(merge_state_dicts([res["state"] for res in results]))
