@@ -132,7 +132,9 @@ class AsynchronousMeanField(Engine):
     Args:
         discount: d in [0, 1] of Eq. 10 (1: plain average; the paper's training: 0.9).
         scale: h of Eq. 10: ``"count"`` (h = the number of messages averaged, so that with
-            d = 1 the average is the plain sum) or a number.
+            d = 1 the average is the plain sum), ``"frames"`` (h = the number of distinct
+            other frames among them; the same as "count" while each frame has one stored
+            message, as in this engine's passes) or a number.
         normalize: divide by Σ d^r (Eq. 10); False: h · Σ d^r k f.
         capacity: messages kept per sequence (None: the sequence's length, one per frame).
         inner_iterations: Q_i / Q_I alternations per visited frame (default 5).
@@ -156,11 +158,11 @@ class AsynchronousMeanField(Engine):
                  tol: float = 1e-10, order: str = "forward", seed: int = 0):
         if not 0.0 <= float(discount) <= 1.0:
             raise FieldlibError(f"async: discount must lie in [0, 1], got {discount}")
-        if isinstance(scale, str) and scale != "count":
+        if isinstance(scale, str) and scale not in ("count", "frames"):
             try:
                 scale = float(scale)
             except ValueError:
-                raise FieldlibError(f"async: scale must be 'count' or a number, got "
+                raise FieldlibError(f"async: scale must be 'count', 'frames' or a number, got "
                                     f"{scale!r}") from None
         if order not in ORDERS:
             raise FieldlibError(f"async: order must be one of {ORDERS}, got {order!r}")

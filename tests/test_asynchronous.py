@@ -336,3 +336,15 @@ def test_step_with_float64_potentials_writes_to_a_float32_store():
                              mu=kt.mu, mu_component=kt.state_component, phi_xi=fi.table,
                              xi_component=fi.state_component)
     assert step.loss.dtype == F64 and store.messages(7)["K"].dtype == torch.float32
+
+
+def test_engine_scale_frames_equals_count_when_each_frame_has_one_message():
+    """The engine writes one message a frame per pass, so h by distinct frames is h by
+    count: the same marginals."""
+    from fieldlib.inference.check import toy_temporal_field
+
+    graph, _, _ = toy_temporal_field(0, dtype=torch.float64)
+    a = get_engine("async[scale=count]")(graph)
+    b = get_engine("async[scale=frames]")(graph)
+    for name, m in a.marginals.items():
+        torch.testing.assert_close(b.marginals[name], m, rtol=0, atol=1e-12)
