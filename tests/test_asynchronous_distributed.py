@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_ranks
 
 from fieldlib.inference import (
     DistributedMessageStore,
@@ -73,27 +70,8 @@ def _worker(rank, port, out_dir):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_steps_of_one(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the two-process step test timed out")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "failure" not in res, f"rank {r}:\n{res.get('failure')}"
+    results = run_ranks(_worker, tmp_path, WORLD, "two-process step test")
     single = MessageStore.temporal_field(D, NI, **OPTIONS)
     mu = _mu().requires_grad_()
     for step in range(STEPS):
