@@ -27,7 +27,6 @@ SUBCOMMANDS = (
     ("charades", "fieldlib.models.charades.cli",
      "Charades data: summary, official evaluation, baseline, synthetic frames"),
 )
-SUBCOMMAND_MODULES = tuple(module for _, module, _ in SUBCOMMANDS)
 
 
 def command_help(name: str) -> str:
