@@ -146,7 +146,7 @@ class SmallBackbone(_Backbone):
         weights: optional path of a state_dict of this module.
     """
 
-    min_size = 4
+    min_size = 8  # two 2x2 pools leave 2x2: BatchNorm trains even on one frame
 
     def __init__(self, in_channels: int = 3, *, features: int = 256,
                  widths: tuple[int, int, int] = (16, 32, 64), weights=None) -> None:

@@ -127,7 +127,8 @@ class StreamNet(nn.Module):
         progress: False: P = 1 (the "no progress" ablation, see the module docstring).
         detach_intent: True blocks the gradient from φXI into the backbone (released code).
         sigmas: σ_m of the M Gaussian kernels, in seconds (paper: 6.25 s = 150 frames at
-            24 fps). learn_kernel_weights: whether ``kernel_weights`` (init 1) learn.
+            24 fps); one number is one kernel. learn_kernel_weights: whether
+            ``kernel_weights`` (init 1) learn.
         dropout: the φXI hidden layer's dropout. intent_hidden: its width (100).
         head_init_std: std of the normal init of the bias-free head weights (0.01).
         backbone_options: extra keyword options of the backbone (``dropout``, ``features``).
@@ -176,6 +177,8 @@ class StreamNet(nn.Module):
         self.n_scenes = state_space.n_scenes
         self.component_size = self.n_objects * (self.n_progress
                                                 if component == "object_progress" else 1)
+        if isinstance(sigmas, numbers.Real):
+            sigmas = (sigmas,)
         self._kernels = [GaussianKernel(s) for s in tuple(sigmas)]  # checks each σ
         if not self._kernels:
             raise FieldlibError("StreamNet: sigmas must hold at least one σ (seconds)")

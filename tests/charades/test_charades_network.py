@@ -126,6 +126,7 @@ def test_head_parameters_partition_the_module(space):
         assert len(ids) == len(set(ids)) == len(list(net.parameters()))
         assert groups["mu"] == [net.mu] and groups["kernel"] == [net.kernel_weights]
     assert not net.kernel_weights.requires_grad
+    assert StreamNet(space, sigmas=3.0).sigmas == (3.0,)
 
 
 def test_input_checks(space):
@@ -136,8 +137,9 @@ def test_input_checks(space):
         rgb(_frames("flow"))
     with pytest.raises(ShapeError, match=r"expected frames \(B, 3, H, W\), got \(2, 4, 3"):
         rgb(torch.zeros(2, 4, 3, 32, 32))
-    with pytest.raises(ShapeError, match="sides >= 4"):
-        rgb(torch.zeros(2, 3, 2, 32))
+    with pytest.raises(ShapeError, match="sides >= 8"):
+        rgb(torch.zeros(2, 3, 4, 32))
+    rgb(torch.zeros(1, 3, 8, 8)).phi_b.sum().backward()  # one small frame still trains
 
 
 def test_option_errors(space, labels):
