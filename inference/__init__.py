@@ -9,7 +9,7 @@ is Algorithm 2);
 """
 
 from .asynchronous import AsynchronousMeanField
-from .asynchronous_step import AsyncStep, asynchronous_step
+from .asynchronous_step import AsyncStep, Coupled, asynchronous_step
 from .base import (
     Engine,
     Option,
@@ -40,6 +40,7 @@ __all__ = [
     "MeanField",
     "AsynchronousMeanField",
     "asynchronous_step",
+    "Coupled",
     "AsyncStep",
     "MeanFieldWarning",
     "InfeasibleWarning",

@@ -286,7 +286,10 @@ def toy_temporal_field(seed: int = 0, *, frames: int | None = None, coupling: bo
 
 # -- the asynchronous step (MATH.md §5) ----------------------------------------------------------
 def _frames_batch(graph, labels):
-    frames, kt, fi, _, _ = split_graph(graph)
+    split = split_graph(graph)
+    frames = split.frames
+    kt = next(f for f, _, _ in split.coupled if isinstance(f, KernelTemporal))
+    fi = next(f for f, _, _ in split.coupled if isinstance(f, FrameIntent))
     n, t = graph.batch_size or 1, frames.size
     x = torch.as_tensor(labels[frames.name]).long().expand(n, t).reshape(-1)
     table = fi.table.expand(n, *fi.table.shape[-3:]).reshape(n * t, *fi.table.shape[-2:])
@@ -318,7 +321,8 @@ def _step_gradients(graph, labels, params, store, *, inner_iterations, l2_intent
     """Autograd gradients of :func:`asynchronous_step`'s loss over every frame of every
     sequence of ``graph`` (one batch) reading ``store`` (not written)."""
     frames, kt, fi, n, t, x, table, seq, pos, times = _frames_batch(graph, labels)
-    unary, intent_unary = frame_potentials(graph)
+    unary, latent_unary = frame_potentials(graph)
+    intent_unary = latent_unary[fi.intent.name]
     step = asynchronous_step(store, seq, pos, times, unary.reshape(n * t, -1), x, mu=kt.mu,
                              mu_component=kt.state_component, phi_xi=table,
                              xi_component=fi.state_component,

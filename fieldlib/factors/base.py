@@ -338,6 +338,21 @@ class Factor:
             out[name] = d if d.dim() == params[name].dim() else d.sum(0)
         return out
 
+    # -- stored messages (asynchronous mean-field, MATH.md §4-5; fieldlib.factors.stored) ----
+    def stored_coupling(self):
+        """The factor type's :class:`~fieldlib.factors.stored.StoredCoupling`: what a frame
+        sends and how the incoming messages combine, for asynchronous mean-field. None (the
+        default): the factor does not couple frames through stored messages."""
+        return None
+
+    def stored_inputs(self, n: int):
+        """A :class:`~fieldlib.factors.stored.StoredInputs` for a graph of ``n`` sequences:
+        the frames the factor couples and its tensors per frame / per sequence (what the
+        ``async`` engine passes to the coupling). Needed by a type whose
+        :meth:`stored_coupling` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} defines stored_coupling() but not "
+                                  f"stored_inputs(n)")
+
     # -- helpers for subclasses -----------------------------------------------------------
     @property
     def label(self) -> str:

@@ -21,7 +21,7 @@ from fieldlib.factors.base import (
     register_factor,
 )
 from fieldlib.factors.beliefs import Beliefs, split_impossible, with_impossible
-from fieldlib.factors.stored import IntentCoupling
+from fieldlib.factors.stored import IntentCoupling, StoredInputs, check_finite_table
 from fieldlib.variables import BlockDomain, Variable, VariableArray
 
 __all__ = ["FrameIntent", "component_map"]
@@ -149,3 +149,10 @@ class FrameIntent(Factor):
         Σ_I Q_I ψ, P(I | x*)): docs/asynchronous.md."""
         return IntentCoupling(self.state_component, self.component_size,
                               self.intent.cardinality)
+
+    def stored_inputs(self, n: int) -> StoredInputs:
+        """φXI per frame ``(n, T, D, N_I)`` (finite: FieldlibError otherwise) and the intent
+        variable."""
+        check_finite_table(self.table.detach(), f"engine 'async': {self.label}")
+        return StoredInputs(self.frames, frame={"table": self.table.expand(
+            n, *self.table.shape[-3:])}, latent=self.intent)

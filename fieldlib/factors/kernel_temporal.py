@@ -21,7 +21,7 @@ from fieldlib.factors.base import (
 )
 from fieldlib.factors.beliefs import Beliefs
 from fieldlib.factors.frame_intent import component_map
-from fieldlib.factors.stored import TemporalCoupling
+from fieldlib.factors.stored import StoredInputs, TemporalCoupling
 from fieldlib.kernels import (
     GaussianKernel,
     KernelSum,
@@ -226,3 +226,9 @@ class KernelTemporal(Factor):
         """What a frame sends (K_j, K*_j on µ's component) and how the incoming ones combine
         (FA_i + FB_i with the current µ): docs/asynchronous.md."""
         return TemporalCoupling(self.state_component, self.component_size)
+
+    def stored_inputs(self, n: int) -> StoredInputs:
+        """µ per sequence ``(n, D, D)``, the frame times ``(n, T)`` and the kernel."""
+        d, t = self.component_size, self.frames.size
+        return StoredInputs(self.frames, sequence={"mu": self.mu.expand(n, d, d)},
+                            times=self.times.expand(n, t), kernel=self.kernel)

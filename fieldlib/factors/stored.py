@@ -2,43 +2,84 @@
 
 In asynchronous training (Algorithm 2) and the ``async`` engine (Algorithm 1) a frame does
 not see the other frames of its sequence; it sees the messages they sent earlier, combined
-by a message store (Eq. 10). A coupled factor type joins through two small objects, each a
-:class:`StoredCoupling` over a batch of B frames of S states:
+by a message store (Eq. 10). A coupled factor type joins through a :class:`StoredCoupling`
+over a batch of B frames of S states, with the factor's tensors for those frames passed as
+keyword arguments (``**params``, each with the batch axis first):
 
-* what a frame SENDS: :meth:`StoredCoupling.send` -> ``{field: (B, *shape)}``, the fields
-  declared by :meth:`StoredCoupling.fields` (``{field: (shape, temporal)}``; a temporal
+* what a frame SENDS: :meth:`~StoredCoupling.send` -> ``{field: (B, *shape)}``, the fields
+  declared by :meth:`~StoredCoupling.fields` (``{field: (shape, temporal)}``; a temporal
   field is read kernel-weighted as ``past``/``future``, the others as ``total``);
-* how the INCOMING ones combine into frame i's update: :meth:`StoredCoupling.frame_message`
-  -> ``(B, S)`` added to log Q_i (Eq. 5), and for a factor with a latent variable of its
-  own (the intent) :meth:`StoredCoupling.latent_logits` -> ``(B, N_I)`` (Eq. 6);
-* its per-frame surrogate energy :meth:`StoredCoupling.frame_energy` -> ``(B,)``: with Q
-  held fixed its autograd gradient is the factor's Eq. 7-9 row of the frame.
+* how the INCOMING ones combine into frame i's update:
+  :meth:`~StoredCoupling.frame_message` -> ``(B, S)`` added to log Q_i (Eq. 5);
+* for a factor with a latent variable of its own (the intent; ``latent_size`` = its number
+  of states, None for a factor without one): :meth:`~StoredCoupling.latent_logits` ->
+  ``(B, N_I)``, log Q_I up to a constant (Eq. 6), and :meth:`~StoredCoupling.target_logits`
+  -> ``(B, N_I)``, the logits of P(I | x*) (Eq. 8's target);
+* its per-frame surrogate energy :meth:`~StoredCoupling.frame_energy` -> ``(B,)``: with Q,
+  Q_I and the target held fixed its autograd gradient is the factor's Eq. 7-9 row of the
+  frame.
 
-:func:`stored_coupling` returns a factor's coupling: its type's ``stored_coupling()``
-method (``KernelTemporal.stored_coupling`` gives a :class:`TemporalCoupling`,
-``FrameIntent.stored_coupling`` an :class:`IntentCoupling`; a user's coupled type defines its
-own). docs/asynchronous.md describes the protocol.
+A factor type provides two methods: ``stored_coupling()`` (the coupling object) and, for
+the ``async`` engine, ``stored_inputs(n)`` (a :class:`StoredInputs`: the frames it couples,
+its tensors per frame ``(N, T, ...)`` and per sequence ``(N, ...)``, its kernel and frame
+times, its latent variable). ``KernelTemporal`` gives a :class:`TemporalCoupling`,
+``FrameIntent`` an :class:`IntentCoupling`; a user's coupled type defines its own
+(examples/custom_factor.py). docs/asynchronous.md describes the protocol.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from fieldlib.errors import FieldlibError
 
-__all__ = ["StoredCoupling", "TemporalCoupling", "IntentCoupling", "stored_coupling",
-           "supports_stored_messages"]
+__all__ = ["StoredCoupling", "StoredInputs", "TemporalCoupling", "IntentCoupling",
+           "stored_coupling", "supports_stored_messages", "check_finite_table"]
 
 
 @runtime_checkable
 class StoredCoupling(Protocol):
-    """What a coupled factor type provides for stored messages (module docstring)."""
+    """What a coupled factor type provides for stored messages (module docstring).
+
+    ``incoming`` is the :class:`~fieldlib.inference.messages.Incoming` of the coupling's
+    own fields; ``latent`` the frame's Q of the coupling's latent ``(B, N_I)`` (None
+    without one); ``target`` P(I | x*) ``(B, N_I)``; ``q`` ``(B, S)``; ``label`` ``(B,)``.
+    """
+
+    latent_size: int | None
 
     def fields(self) -> dict[str, tuple[tuple[int, ...], bool]]: ...
 
     def send(self, q: torch.Tensor, label: torch.Tensor | None, **params) -> dict: ...
+
+    def frame_message(self, incoming, latent=None, **params) -> torch.Tensor: ...
+
+    def frame_energy(self, q, label, incoming, latent=None, target=None,
+                     **params) -> torch.Tensor: ...
+
+
+@dataclass
+class StoredInputs:
+    """What the ``async`` engine needs of a coupled factor in a graph of N sequences.
+
+    Attributes:
+        frames: the VariableArray of T frames the factor couples.
+        frame: ``{param: (N, T, ...)}``: tensors with one entry per frame (e.g. φXI).
+        sequence: ``{param: (N, ...)}``: tensors shared by a sequence's frames (e.g. µ).
+        times: ``(N, T)`` frame times for the kernel (None: positions 0..T-1).
+        kernel: the kernel of the coupling's temporal fields (None: it has none).
+        latent: the coupling's latent Variable (None: it has none).
+    """
+
+    frames: object
+    frame: dict = field(default_factory=dict)
+    sequence: dict = field(default_factory=dict)
+    times: torch.Tensor | None = None
+    kernel: object = None
+    latent: object = None
 
 
 def _project(q: torch.Tensor, component: torch.Tensor, size: int) -> torch.Tensor:
@@ -61,7 +102,11 @@ class TemporalCoupling:
     Args:
         component: ``LongTensor (S,)``: each frame state's component value.
         size: D, the component's cardinality.
+
+    Params: ``mu ([B,] D, D)``.
     """
+
+    latent_size = None
 
     def __init__(self, component: torch.Tensor, size: int):
         self.component, self.size = component, int(size)
@@ -76,12 +121,13 @@ class TemporalCoupling:
                                                                 self.size, k)
         return {"K": k, "K_star": ks}
 
-    def frame_message(self, incoming, *, mu) -> torch.Tensor:
+    def frame_message(self, incoming, latent=None, *, mu) -> torch.Tensor:
         """``(B, S)``: FA_i + FB_i on the frame's states; ``mu ([B,] D, D)``."""
         fa, fb = incoming.kernel_messages(mu, "K")
         return (fa + fb).index_select(1, self.component.to(fa.device))
 
-    def frame_energy(self, q, label, incoming, *, mu) -> torch.Tensor:
+    def frame_energy(self, q, label, incoming, latent=None, target=None, *,
+                     mu) -> torch.Tensor:
         """``(B,)``: Σ_a K_i(a) (FA_i + FB_i)(a) - the same for K*_i, K*_j; its gradient in µ
         is Eq. 9's row of frame i: Q_i(a) Σ_{j>i} k Q_j(b) + Q_i(b) Σ_{j<i} k Q_j(a) minus
         the label term. ``q`` and the stored sums are constants here."""
@@ -102,11 +148,12 @@ class IntentCoupling:
         component: ``LongTensor (S,)``: each frame state's value of the table's component.
         size: D, that component's cardinality; ``intents``: N_I.
 
-    The per-frame table ``table (B, D, N_I)`` must be finite.
+    Params: ``table (B, D, N_I)``, ψ_i, finite (:func:`check_finite_table`).
     """
 
     def __init__(self, component: torch.Tensor, size: int, intents: int):
         self.component, self.size, self.intents = component, int(size), int(intents)
+        self.latent_size = self.intents
 
     def fields(self) -> dict:
         return {"H": ((self.intents,), False), "H_star": ((self.intents,), False)}
@@ -125,37 +172,36 @@ class IntentCoupling:
         hs = h.new_zeros(h.shape) if label is None else self._star(label, table)
         return {"H": h, "H_star": hs}
 
-    def latent_logits(self, incoming, q, *, table) -> torch.Tensor:
-        """``(B, N_I)``: Σ_{j≠i} H_j (stored) + H_i (this frame's Q_i): log Q_I up to a
-        constant (Eq. 6)."""
-        return incoming.total["H"].to(table.dtype) + self._own(q, table)
+    def latent_logits(self, incoming, q=None, *, table) -> torch.Tensor:
+        """``(B, N_I)``: Σ_{j≠i} H_j (stored) + H_i (this frame's Q_i; left out when ``q`` is
+        None, the first update): log Q_I up to a constant (Eq. 6)."""
+        stored = incoming.total["H"].to(table.dtype)
+        return stored if q is None else stored + self._own(q, table)
 
-    def target_latent(self, incoming, label, *, table, extra=None) -> torch.Tensor:
-        """``(B, N_I)``: P(I | x*) = softmax_I(Σ_{j≠i} H*_j + ψ_i(x*_i, I) [+ extra]) (Eq. 8;
-        ``extra``: the intent's own log-potentials)."""
-        logits = incoming.total["H_star"].to(table.dtype) + self._star(label, table)
-        return torch.softmax(logits if extra is None else logits + extra, -1)
+    def target_logits(self, incoming, label, *, table) -> torch.Tensor:
+        """``(B, N_I)``: Σ_{j≠i} H*_j + ψ_i(x*_i, I), the logits of P(I | x*) (Eq. 8)."""
+        return incoming.total["H_star"].to(table.dtype) + self._star(label, table)
 
-    def frame_message(self, q_latent, *, table) -> torch.Tensor:
+    def frame_message(self, incoming, latent=None, *, table) -> torch.Tensor:
         """``(B, S)``: Σ_I Q_I(I) ψ_i(c(x), I) on the frame's states."""
-        m = torch.einsum("bdi,bi->bd", table, q_latent.to(table.dtype))
+        m = torch.einsum("bdi,bi->bd", table, latent.to(table.dtype))
         return m.index_select(1, self.component.to(m.device))
 
-    def frame_energy(self, q, q_latent, label, target_latent, *, table) -> torch.Tensor:
+    def frame_energy(self, q, label, incoming, latent=None, target=None, *,
+                     table) -> torch.Tensor:
         """``(B,)``: Σ_{u,I} (Q_i(u) Q_I(I) - 1[u = c(x*_i)] P(I | x*)) ψ_i(u, I); its
         gradient in ψ_i is Eq. 8's row (Q, Q_I, P(I | x*) constants)."""
         qc = _project(q, self.component, self.size).to(table.dtype)
         ks = _onehot(label, self.component, self.size, table)
-        w = qc[:, :, None] * q_latent[:, None, :] - ks[:, :, None] * target_latent[:, None, :]
+        w = qc[:, :, None] * latent[:, None, :] - ks[:, :, None] * target[:, None, :]
         return (w * table).sum((-1, -2))
 
 
 def stored_coupling(factor):
-    """The factor's :class:`StoredCoupling` (its type's ``stored_coupling()`` method:
-    ``KernelTemporal`` and ``FrameIntent`` define one), or None: the factor cannot take part
-    in asynchronous mean-field."""
-    own = getattr(factor, "stored_coupling", None)
-    return own() if callable(own) else None
+    """The factor's :class:`StoredCoupling` (``factor.stored_coupling()``: ``KernelTemporal``
+    and ``FrameIntent`` define one), or None: the factor cannot take part in asynchronous
+    mean-field."""
+    return factor.stored_coupling()
 
 
 def supports_stored_messages(factor) -> bool:
