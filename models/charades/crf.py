@@ -19,7 +19,7 @@ the default) on ``o`` (D = O).
 Heads (any object with these attributes, or a mapping), leading dims ``(N, T)`` for whole
 videos (:func:`video_graph`) or ``(B,)`` for sampled frames (:func:`frame_inputs`):
 ``phi_op (.., O, P)``, ``phi_ap (.., V, P)``, ``phi_os (.., O, S)`` or None, ``phi_b (..,
-|B|)`` (one value per row of B), ``phi_xi (.., D, N_I)`` or None. φX (Eq. 2's frame term)
+|B|)`` (one value per row of B), ``phi_xi (.., D, N_I)`` or None. φX (MATH.md §2)
 is the sum of four :class:`~fieldlib.factors.Component` factors; φXI is a
 :class:`~fieldlib.factors.FrameIntent`, φXX a :class:`~fieldlib.factors.KernelTemporal`:
 fieldlib's own factors and engines do all the work, nothing is recomputed here.
@@ -45,6 +45,7 @@ from fieldlib.variables import BlockDomain, Variable, VariableArray, integer_ten
 from .statespace import N_PROGRESS, StateSpace
 
 __all__ = ["COMPONENT_COLUMNS", "SIGMA_SECONDS", "FrameLayout", "VideoCRF", "class_scores",
+           "component_column",
            "collapse_progress", "frame_domain", "frame_inputs", "frame_layout", "frame_state",
            "progress_size", "video_graph"]
 
@@ -288,6 +289,9 @@ def _heads(heads, layout: FrameLayout, lead_names: tuple[str, ...], component: s
             names = ", ".join((*lead_names, *(a for a, _ in axes)))
             hint = (f"; for component 'object_progress' D = O*P = {layout.n_objects * p}"
                     if name == "phi_xi" and component == "object" else "")
+            if name in ("phi_op", "phi_ap") and t.dim() == len(want) and t.shape[-1] == 1 \
+                    and p != 1:
+                hint = "; for the no-progress ablation (P = 1) use collapse_progress(state_space)"
             raise ShapeError(f"heads.{name} must have shape ({names}) = {want}, got "
                              f"{tuple(t.shape)}{hint}")
     return out
@@ -403,8 +407,8 @@ def video_graph(heads, state_space: StateSpace | FrameLayout, *, mu=None,
                 kernel=SIGMA_SECONDS, times=None, lengths=None, mask=None,
                 component: str = "object", use_temporal: bool = True,
                 use_intent: bool = True, n_intents: int | None = None) -> VideoCRF:
-    """N whole videos of T frames as one factor graph (MATH.md §2; synchronous training and
-    testing with any engine).
+    """N whole videos of T frames as one factor graph (MATH.md §2; Eq. 3 for a KernelSum;
+    synchronous training and testing with any engine: mean-field Eq. 5-6, losses Eq. 7-9).
 
         score(x, I) = Σ_t φX(x_t) + Σ_t φXI(x_t, I) + Σ_{i<j} µ(d(x_i), d(x_j)) k(t_i, t_j)
 
@@ -457,7 +461,7 @@ def video_graph(heads, state_space: StateSpace | FrameLayout, *, mu=None,
 # -- sampled frames (the asynchronous step) ---------------------------------------------------
 def frame_inputs(heads, state_space: StateSpace | FrameLayout, *, component: str = "object",
                  mu=None, use_intent: bool = True, n_intents: int | None = None) -> dict:
-    """The asynchronous step's inputs for B sampled frames (MATH.md §5, Algorithm 2).
+    """The asynchronous step's inputs for B sampled frames (MATH.md §5, Eq. 10, Algorithm 2).
 
         asynchronous_step(store, seq, frame, time, label=frame_state(...), **inputs)
 
@@ -482,7 +486,7 @@ def frame_inputs(heads, state_space: StateSpace | FrameLayout, *, component: str
     unary = tables[0]
     for table in tables[1:]:
         unary = unary + table
-    state_map = layout.component(component)[0]
+    state_map = layout.component(component)[0].to(unary.device)
     out = {"unary": unary, "mu_component": state_map, "phi_xi": h["phi_xi"],
            "xi_component": state_map if use_intent else None}
     if mu is not None:
