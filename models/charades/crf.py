@@ -45,9 +45,8 @@ from fieldlib.variables import BlockDomain, Variable, VariableArray, integer_ten
 from .statespace import N_PROGRESS, StateSpace
 
 __all__ = ["COMPONENT_COLUMNS", "SIGMA_SECONDS", "FrameLayout", "VideoCRF", "class_scores",
-           "component_column",
-           "collapse_progress", "frame_domain", "frame_inputs", "frame_layout", "frame_state",
-           "progress_size", "video_graph"]
+           "collapse_progress", "component_column", "frame_domain", "frame_inputs",
+           "frame_layout", "frame_state", "progress_size", "video_graph"]
 
 #: The block column φXI and µ act on, per ``component`` option (MATH.md §2, §9).
 COMPONENT_COLUMNS = (("object", "o"), ("object_progress", "q"))
