@@ -26,6 +26,9 @@ def test_top_level_help_lists_commands(capsys):
     (("gradcheck",), ["--seed", "--trials"]),
     (("charades", "eval", "classify"), ["--gt", "--submission", "--json", "--lenient"]),
     (("charades", "info"), ["--train"]),
+    (("charades", "train"), ["--run-dir", "--resume", "--mode", "--backbone", "--data",
+                             "--weights", "--drop", "--accumulate", "--lr-milestones"]),
+    (("charades", "predict"), ["--run-dir", "--flow-run-dir", "--fusion", "--split"]),
 ])
 def test_subcommand_help_explains_options(capsys, argv, options):
     out = _help(capsys, *argv)

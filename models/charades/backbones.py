@@ -11,8 +11,12 @@ A backbone maps frames ``x (B, C, H, W)`` to features ``(B, F)``; ``out_features
   initialisation of two-stream networks). ``weights=PATH`` loads a local file in
   torchvision's ``vgg16().state_dict()`` format (``classifier.6.*``, the ImageNet layer, is
   ignored); an RGB conv1 in the file is widened after loading, a 20-channel one loads as is.
-- ``"small"``: three conv + BatchNorm + ReLU blocks and a linear layer to F = 256 (default)
-  on 32-64 pixel frames, for CPU tests and demos; ``weights=PATH`` loads its own state_dict.
+- ``"small"``: three conv + normalisation + ReLU blocks and a linear layer to F = 256
+  (default) on 32-64 pixel frames, for CPU tests and demos; ``weights=PATH`` loads its own
+  state_dict. ``norm="batch"`` (default: BatchNorm; across processes the training converts it
+  to a batch norm whose statistics span every process's frames, SyncBatchNorm running on GPUs
+  only) or ``"group"`` (GroupNorm: per frame, so a frame's features do not depend on the
+  other frames of its batch; on the synthetic frames it learns far slower).
 
 Errors: FieldlibError for an unknown backbone name or option, and for a weights file that
 is missing, not a torch state_dict (FormatError) or of another architecture (the message
@@ -138,27 +142,35 @@ class _Backbone(nn.Module):
 
 
 class SmallBackbone(_Backbone):
-    """Three blocks conv3x3 -> BatchNorm -> ReLU (-> 2x2 max-pool after the first two),
-    global average pool, Linear -> ReLU: ``(B, C, H, W) -> (B, features)``.
+    """Three blocks conv3x3 -> norm -> ReLU (-> 2x2 max-pool after the first two), global
+    average pool, Linear -> ReLU: ``(B, C, H, W) -> (B, features)``.
 
     Args:
         in_channels: C. features: F (default 256). widths: the three conv widths.
+        norm: ``"batch"`` (BatchNorm2d, the default: statistics of the batch in training) or
+            ``"group"`` (GroupNorm with groups of 4 channels: per frame).
         weights: optional path of a state_dict of this module.
     """
 
     min_size = 8  # two 2x2 pools leave 2x2: BatchNorm trains even on one frame
 
     def __init__(self, in_channels: int = 3, *, features: int = 256,
-                 widths: tuple[int, int, int] = (16, 32, 64), weights=None) -> None:
+                 widths: tuple[int, int, int] = (16, 32, 64), norm: str = "batch",
+                 weights=None) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) != 3 or min(widths) < 1 or int(features) < 1:
             raise FieldlibError(f"small backbone: widths must be 3 positive ints and features"
                                 f" > 0, got widths={widths}, features={features}")
+        if norm not in ("group", "batch"):
+            raise FieldlibError(f"small backbone: norm must be 'group' or 'batch', got "
+                                f"{norm!r}")
         self.in_channels, self.out_features = int(in_channels), int(features)
         layers, c = [], self.in_channels
         for k, w in enumerate(widths):
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w),
+            layer = (nn.BatchNorm2d(w) if norm == "batch"
+                     else nn.GroupNorm(max(1, w // 4), w))
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), layer,
                        nn.ReLU(inplace=True)]
             if k < 2:
                 layers.append(nn.MaxPool2d(2))

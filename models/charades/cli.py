@@ -30,6 +30,8 @@ from fieldlib.errors import FieldlibError
 
 from .annotations import REVERSED_POLICIES, Annotations, read_annotations
 from .baseline import prior_classify_scores, prior_localize_scores
+from .cli_predict import add_predict_parser
+from .cli_train import add_train_parser
 from .labels import LabelSpace, load_labels, scene_vocabulary
 from .metrics import EvalResult, classify_map, localize_map
 from .statespace import TRAIN_FPS, build_state_space, check_fps
@@ -306,4 +308,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=48, help="frames a video (48 = 2 s)")
     _common(p)
     p.set_defaults(func=cmd_synth)
+    add_train_parser(sub)
+    add_predict_parser(sub)
     return top
