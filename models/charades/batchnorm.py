@@ -12,6 +12,8 @@ it in for every ``BatchNorm2d`` of a module (``SyncBatchNorm`` is the better cho
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -40,7 +42,9 @@ class CrossProcessBatchNorm(nn.BatchNorm2d):
         count = torch.tensor([float(flat.shape[1])], dtype=x.dtype, device=x.device)
         packed = torch.cat([flat.sum(1), (flat * flat).sum(1), count])
         group = self.group or dist.group.WORLD
-        packed = all_reduce(packed, group=group)
+        with warnings.catch_warnings():  # the differentiable all_reduce is "deprecated" in
+            warnings.simplefilter("ignore", FutureWarning)  # favour of one without autograd
+            packed = all_reduce(packed, group=group)
         total, square, n = packed[:c], packed[c:2 * c], packed[2 * c]
         mean = total / n
         var = (square / n - mean * mean).clamp_min(0.0)
@@ -67,8 +71,11 @@ def convert_batchnorm(module: nn.Module, group=None) -> nn.Module:
             new = CrossProcessBatchNorm(child.num_features, group=group, eps=child.eps,
                                         momentum=child.momentum, affine=child.affine,
                                         track_running_stats=child.track_running_stats)
+            like = next(child.buffers(), None)
+            if like is not None:
+                dtype = child.weight.dtype if child.affine else like.dtype
+                new.to(device=like.device, dtype=dtype)
             new.load_state_dict(child.state_dict())
-            new.to(next(child.buffers(), torch.empty(0)).device)
             setattr(module, name, new)
         else:
             convert_batchnorm(child, group)

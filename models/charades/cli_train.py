@@ -82,7 +82,10 @@ OPTION_HELP = {
     "checkpoint_seconds": "write a checkpoint at least this often (seconds)",
     "checkpoint_every": "also write one every N steps (0: by time only)",
     "log_every": "write a metrics line every N steps",
-    "eval_every": "reserved: evaluate on test videos every N steps (0: never)",
+    "eval_every": "evaluate on the first --eval-videos test videos every N steps and at the "
+                  "end (official mAP, logged as 'eval' lines; 0: never)",
+    "eval_videos": "test videos an evaluation scores",
+    "eval_passes": "synchronous mean-field passes of an evaluation (paper: 10)",
     "progress_bar": "show a progress bar (on a terminal)",
     "num_threads": "torch threads (default: torch's choice)",
 }

@@ -24,7 +24,7 @@ ABLATIONS = ("temporal", "intent", "progress")
 #: Options a resumed run may change (the rest must equal the checkpoint's).
 RESUMABLE_CHANGES = ("steps", "checkpoint_seconds", "checkpoint_every", "log_every",
                      "progress_bar", "rgb_root", "flow_root", "weights", "annotations",
-                     "eval_every", "num_threads", "device")
+                     "eval_every", "eval_videos", "eval_passes", "num_threads", "device")
 
 
 @dataclass
@@ -76,6 +76,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 1
     eval_every: int = 0
+    eval_videos: int = 50
+    eval_passes: int = 10
     progress_bar: bool = True
     num_threads: int | None = None
 
@@ -127,11 +129,11 @@ class TrainConfig:
                 bad("scale", f"must be count, frames or a number, got {self.scale!r}")
         for name in ("batch_size", "videos_per_batch", "max_frames", "accumulate", "steps",
                      "n_intents", "inner_iterations", "capacity", "sync_max_iter",
-                     "log_every"):
+                     "log_every", "eval_videos"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, f"must be an integer >= 1, got {value!r}")
-        for name in ("checkpoint_every", "eval_every"):
+        for name in ("checkpoint_every", "eval_every", "eval_passes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, f"must be an integer >= 0, got {getattr(self, name)!r}")
         if self.videos is not None and self.videos < 1:

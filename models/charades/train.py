@@ -234,6 +234,7 @@ class Trainer:
         images = batch["images"].to(self.device, self.dtype)
         state = batch["state"].to(self.device)
         heads = self.model(images)
+        self._check_heads(heads)
         if self.store is None:  # none, or async with both couplings dropped: φX only
             inputs = frame_inputs(heads, self.data.space, component=c.component,
                                   use_intent=False)
@@ -260,6 +261,7 @@ class Trainer:
         n, t = mask.shape
         images = batch["images"].to(self.device, self.dtype)[mask.reshape(-1)]
         real = self.model(images)
+        self._check_heads(real)
         heads = _pad(real, mask)
         crf = video_graph(heads, self.data.space, mu=self.net.mu, kernel=self.net.kernel(),
                           times=batch["time"].to(self.device, self.dtype), mask=mask,
@@ -315,6 +317,13 @@ class Trainer:
         return {"step": self.step, "frames": self.frames,
                 "loss": float(totals[0]) / per_step, "nll": float(totals[1] / totals[2]),
                 "lr": lr, "seconds": round(self.seconds, 4), "grad_norm": norms}
+
+    def _check_heads(self, heads: FrameHeads) -> None:
+        """NaN or inf in a head's output stops the run naming the head (one max a head)."""
+        for name, value in heads.tensors().items():
+            top = value.detach().abs().amax() if value.numel() else None
+            if top is not None and not bool(torch.isfinite(top)):
+                self._fail(f"the network's {name} output holds {float(top)}", head=name)
 
     def _grad_norms(self) -> dict:
         out = {}
@@ -403,6 +412,25 @@ class Trainer:
                 handle.write(json.dumps(line) + "\n")
         self._metrics_lines += 1
 
+    def evaluate(self) -> dict:
+        """Official mAP (MATH.md §8) on the first ``eval_videos`` test videos, predicted as
+        at test time (models/charades/predict.py); rank 0 predicts, the others wait. Draws
+        no random number, so it changes nothing in the run that follows."""
+        out = {"step": self.step, "frames": self.frames}
+        if self.rank == 0:
+            from .predict import evaluate, predict_videos, split_videos
+
+            videos = split_videos(self.data, "test", self.config.eval_videos)
+            preds = predict_videos(self.net, self.data.space, videos, self.data.source,
+                                   config=self.config, passes=self.config.eval_passes,
+                                   progress=False)
+            for task, res in evaluate(preds, videos).items():
+                out[f"{task}_map"] = None if math.isnan(res.map) else float(res.map)
+                out[f"{task}_map_nanmean"] = float(res.map_nanmean)
+        if self.world > 1:
+            dist.barrier()
+        return out
+
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signum
 
@@ -435,6 +463,9 @@ class Trainer:
                     last = line["loss"]
                     if self.step % c.log_every == 0 or self.step == c.steps:
                         self._log(line)
+                    if c.eval_every and (self.step % c.eval_every == 0 or
+                                         self.step == c.steps):
+                        self._log({"eval": self.evaluate()})
                     bar.update(1)
                     bar.set_postfix(loss=f"{line['loss']:.4g}", nll=f"{line['nll']:.3f}")
                     if self._stop_requested():
