@@ -5,11 +5,27 @@ Modules, one role each: ``labels`` (classes, mapping files, vocabularies), ``ann
 (CSV reader), ``statespace`` (progress, frame labels, sampling, the set B), ``submission``
 (official submission files), ``metrics`` (Charades_v1_classify.m / _localize.m),
 ``baseline`` (prior submission), ``synthetic`` (generated frames), ``datasets`` (torch
-Datasets), ``cli`` (``fieldlib charades``).
+Datasets); the model: ``backbones`` and ``network`` (the two-stream network and its heads),
+``crf`` (head outputs -> factors), ``config``, ``data``, ``sampler``, ``checkpoint``,
+``batchnorm``, ``runs`` and ``train`` (training), ``predict`` (test time, submissions);
+``cli*`` (``fieldlib charades``).
 """
 
 from .annotations import Annotations, Instance, Video, parse_actions, read_annotations
+from .backbones import make_backbone
 from .baseline import prior_classify_scores, prior_localize_scores
+from .config import TrainConfig
+from .crf import (
+    FrameLayout,
+    VideoCRF,
+    class_scores,
+    collapse_progress,
+    frame_inputs,
+    frame_layout,
+    frame_state,
+    video_graph,
+)
+from .data import TrainingData, load_training_data
 from .datasets import (
     CharadesFrames,
     CharadesVideos,
@@ -42,6 +58,9 @@ from .metrics import (
     localize_map,
     submission_from_arrays,
 )
+from .network import FrameHeads, StreamNet
+from .predict import Predictions, evaluate, fuse, predict_run, predict_videos, write_submissions
+from .runs import build_network, load_run
 from .statespace import (
     JPEG_FPS,
     N_TEST_FRAMES,
@@ -85,4 +104,22 @@ __all__ = [
     "prior_classify_scores", "prior_localize_scores",
     "SyntheticCharades", "SyntheticConfig", "write_jpeg_folders",
     "CharadesFrames", "CharadesVideos", "FolderSource", "SyntheticSource", "collate_videos",
+    "StreamNet", "FrameHeads", "make_backbone",
+    "FrameLayout", "VideoCRF", "class_scores", "collapse_progress", "frame_inputs",
+    "frame_layout", "frame_state", "video_graph",
+    "TrainConfig", "TrainingData", "load_training_data", "Trainer", "TrainingError",
+    "TrainResult", "build_network", "load_run",
+    "Predictions", "predict_videos", "predict_run", "fuse", "write_submissions", "evaluate",
 ]
+
+#: Names of the training loop, imported on first use (so that ``python -m
+#: fieldlib.models.charades.train`` does not find its module already imported).
+_LAZY = {"Trainer", "TrainingError", "TrainResult"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.train"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

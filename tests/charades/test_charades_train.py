@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fieldlib.errors import FieldlibError
 from fieldlib.models.charades.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from fieldlib.models.charades.config import TrainConfig
 from fieldlib.models.charades.runs import load_run
@@ -258,3 +259,26 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
         for r in ranks:
             for k, v in r[mode]["state"].items():
                 assert torch.allclose(v, ref[k], atol=1e-8), (mode, k)
+
+
+@pytest.mark.parametrize("stream", ["rgb", "flow"])
+def test_training_on_official_jpeg_folders_runs_the_same_code(tmp_path, stream):
+    """--data DIR: the official Charades_v1_rgb / _flow layouts (written here from synthetic
+    frames) through FolderSource, in the same loop."""
+    from fieldlib.models.charades.data import load_training_data
+    from fieldlib.models.charades.datasets import FolderSource
+    from fieldlib.models.charades.synthetic import write_jpeg_folders
+
+    config = tiny(steps=2, stream=stream, data=str(tmp_path / "charades"))
+    synthetic = load_training_data(dataclasses.replace(config, data="synthetic"))
+    write_jpeg_folders(synthetic.source.generator, synthetic.train,
+                       tmp_path / "charades" / "Charades_v1_rgb",
+                       tmp_path / "charades" / "Charades_v1_flow", max_frames=12)
+    trainer = Trainer(config, tmp_path / "run")
+    assert isinstance(trainer.data.source, FolderSource)
+    batch = trainer.data.frame_batch(trainer.sampler.items[:3])
+    assert batch["images"].shape == (3, 3 if stream == "rgb" else 20, 16, 16)
+    assert trainer.run().status == "finished"
+    missing = dataclasses.replace(config, data=str(tmp_path / "nowhere"))
+    with pytest.raises(FieldlibError, match="no frame folder"):
+        Trainer(missing, tmp_path / "run2").run()
