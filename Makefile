@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/fieldlib charades demo --out out/charades-demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

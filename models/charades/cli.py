@@ -30,6 +30,7 @@ from fieldlib.errors import FieldlibError
 
 from .annotations import REVERSED_POLICIES, Annotations, read_annotations
 from .baseline import prior_classify_scores, prior_localize_scores
+from .cli_plot import add_plot_parser
 from .cli_predict import add_predict_parser
 from .cli_train import add_train_parser
 from .labels import LabelSpace, load_labels, scene_vocabulary
@@ -310,4 +311,38 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
     add_train_parser(sub)
     add_predict_parser(sub)
+    add_plot_parser(sub)
+
+    p = sub.add_parser("demo", help="the Charades demo: train async and none, predict, score, "
+                       "plot", description="Train the small two-stream backbone on synthetic "
+                       "frames from real annotation rows in the async (paper) and none (no "
+                       "structure) modes, predict test videos at the official time points, "
+                       "score them with the official metrics, draw the figures, and print a "
+                       "table (models/charades/demo.py). A folder holding a finished demo is "
+                       "reused; an interrupted one resumes.")
+    p.add_argument("--out", default="out/charades-demo",
+                   help="folder for the runs, submissions, figures (out/charades-demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps a mode (600)")
+    p.add_argument("--videos", type=int, default=None,
+                   help="training videos (64; the first ones with actions)")
+    p.add_argument("--test-videos", type=int, default=60, help="test videos scored (60)")
+    p.add_argument("--modes", default="async,none",
+                   help="comma-separated training modes (async,none; sync also works)")
+    p.set_defaults(func=cmd_demo)
     return top
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    options = {k: getattr(args, k) for k in ("steps", "videos") if getattr(args, k) is not None}
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if args.test_videos < 1:
+        raise FieldlibError(f"--test-videos must be at least 1, not {args.test_videos}")
+    start = time.perf_counter()
+    result = run_demo(args.out, modes=modes, test_videos=args.test_videos,
+                      progress=sys.stderr.isatty(), **options)
+    print(result.table())
+    print(f"wall time {time.perf_counter() - start:.0f} s; everything is in {result.out}/ "
+          f"(runs {', '.join(m + '/' for m in modes)}, plots/, summary.txt)")
+    return 0
