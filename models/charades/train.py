@@ -56,7 +56,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig
-from .crf import frame_inputs, video_graph
+from .crf import frame_inputs, frame_layout, video_graph
 from .data import TrainingData, load_training_data
 from .network import FrameHeads
 from .runs import RunPaths, build_network
@@ -128,11 +128,15 @@ class Trainer:
         np.random.seed(config.seed)
         self.data = data or load_training_data(config)
         self.net = build_network(config, self.data.space).to(self.device)
+        self.layout = frame_layout(self.data.space)  # built once: frame_inputs, video_graph
         self._freeze_unused()
         if self.world > 1:
             convert_batchnorm(self.net)
+            # the cross-process BatchNorm keeps every rank's running statistics equal: no
+            # buffer broadcast a forward
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         else:
             self.model = self.net
         heads = self.net.head_parameters()
@@ -236,12 +240,12 @@ class Trainer:
         heads = self.model(images)
         self._check_heads(heads)
         if self.store is None:  # none, or async with both couplings dropped: φX only
-            inputs = frame_inputs(heads, self.data.space, component=c.component,
+            inputs = frame_inputs(heads, self.layout, component=c.component,
                                   use_intent=False)
             logp = torch.log_softmax(inputs["unary"], -1)
             nll = -logp.gather(1, state[:, None]).sum()
             return nll, nll.detach(), state.numel()
-        inputs = frame_inputs(heads, self.data.space, component=c.component,
+        inputs = frame_inputs(heads, self.layout, component=c.component,
                               mu=self.net.mu if c.uses_temporal else None,
                               use_intent=c.uses_intent)
         if not c.uses_intent:
@@ -263,7 +267,7 @@ class Trainer:
         real = self.model(images)
         self._check_heads(real)
         heads = _pad(real, mask)
-        crf = video_graph(heads, self.data.space, mu=self.net.mu, kernel=self.net.kernel(),
+        crf = video_graph(heads, self.layout, mu=self.net.mu, kernel=self.net.kernel(),
                           times=batch["time"].to(self.device, self.dtype), mask=mask,
                           component=c.component, use_temporal=c.uses_temporal,
                           use_intent=c.uses_intent)
@@ -326,12 +330,16 @@ class Trainer:
                 self._fail(f"the network's {name} output holds {float(top)}", head=name)
 
     def _grad_norms(self) -> dict:
+        """Each head's gradient norm: norms of rows in the gradient's dtype (no float64 copy
+        of a 100M-entry fc6 gradient), combined in float64; inf / NaN pass through."""
         out = {}
         for name, params in self.net.head_parameters().items():
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
-                out[name] = float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
+                rows = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1) if g.dim() else
+                                                 g.reshape(1, 1), dim=1).double()
+                        for g in grads]
+                out[name] = float(torch.linalg.vector_norm(torch.cat(rows)))
         return out
 
     def _fail(self, what: str, head) -> None:
@@ -421,7 +429,7 @@ class Trainer:
             from .predict import evaluate, predict_videos, split_videos
 
             videos = split_videos(self.data, "test", self.config.eval_videos)
-            preds = predict_videos(self.net, self.data.space, videos, self.data.source,
+            preds = predict_videos(self.net, self.layout, videos, self.data.source,
                                    config=self.config, passes=self.config.eval_passes,
                                    progress=False)
             for task, res in evaluate(preds, videos).items():
