@@ -3,7 +3,7 @@
 ``get_engine(name, **options)`` builds one by name or spec string: ``exact`` (variable
 elimination), ``bruteforce`` (enumeration oracle), ``meanfield`` (structured mean-field),
 ``async`` (asynchronous mean-field with a message store, Algorithm 1; ``asynchronous_step``
-is Algorithm 2);
+is Algorithm 2), ``bp`` (loopy belief propagation, sum- and max-product);
 ``get_engine("meanfield[schedule=synchronous,damping=0.5]")`` sets options libDAI-style, and
 ``engine_options(name)`` lists what an engine takes.
 """
@@ -20,6 +20,7 @@ from .base import (
     parse_engine_spec,
     register_engine,
 )
+from .bp import BeliefPropagation, BPNotConvergedWarning
 from .exact import BruteForce, VariableElimination
 from .losses import closed_form_gradients, exact_nll, meanfield_loss
 from .meanfield import InfeasibleWarning, MeanField, MeanFieldWarning, NotConvergedWarning
@@ -39,6 +40,8 @@ __all__ = [
     "VariableElimination",
     "MeanField",
     "AsynchronousMeanField",
+    "BeliefPropagation",
+    "BPNotConvergedWarning",
     "asynchronous_step",
     "Coupled",
     "AsyncStep",
