@@ -170,7 +170,7 @@ def split_step(tr) -> dict:
         tr._check_heads(real)
         laps.lap("other")
         heads = _pad(real, mask)
-        crf = video_graph(heads, tr.data.space, mu=net.mu, kernel=net.kernel(),
+        crf = video_graph(heads, tr.layout, mu=net.mu, kernel=net.kernel(),
                           times=batch["time"].to(dev, tr.dtype), mask=mask,
                           component=c.component, use_temporal=c.uses_temporal,
                           use_intent=c.uses_intent)
@@ -192,12 +192,12 @@ def split_step(tr) -> dict:
         tr._check_heads(head_out)
         laps.lap("other")
         if tr.store is None:
-            inputs = frame_inputs(head_out, tr.data.space, component=c.component,
+            inputs = frame_inputs(head_out, tr.layout, component=c.component,
                                   use_intent=False)
             loss = -torch.log_softmax(inputs["unary"], -1).gather(1, state[:, None]).sum()
             nll = loss.detach()
         else:
-            inputs = frame_inputs(head_out, tr.data.space, component=c.component,
+            inputs = frame_inputs(head_out, tr.layout, component=c.component,
                                   mu=net.mu if c.uses_temporal else None,
                                   use_intent=c.uses_intent)
             if not c.uses_intent:
@@ -266,7 +266,7 @@ def measure(tr, repeats: int, warmup: int) -> dict:
         sync(tr.device)
         u = time.perf_counter() - t0
         t1 = time.perf_counter()
-        frame_layout(tr.data.space)  # what frame_inputs / video_graph rebuild every call
+        frame_layout(tr.data.space)  # what the Trainer now builds once (tr.layout)
         lay = time.perf_counter() - t1
         if r >= warmup:
             splits.append(s)
@@ -394,8 +394,8 @@ def print_crf(rows: list[dict]) -> None:
         return
     print("\nCRF forward of the async rows, ms (frame_inputs: φX block tables from the heads; "
           "setup: the step's checks and couplings; outgoing messages: K, K*, H, H* to write), "
-          "and what rebuilding frame_layout from the StateSpace costs (frame_inputs does it "
-          "every call):\n")
+          "and what building frame_layout from the StateSpace costs (the Trainer builds it "
+          "once; before, frame_inputs rebuilt it every call):\n")
     print("| backbone, device | videos | frame_inputs | setup | Q updates | loss | outgoing "
           "messages | CRF forward | CRF backward | frame_layout rebuild | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
