@@ -29,6 +29,7 @@ gradient stops the run naming the step, the head and the last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -292,7 +293,7 @@ class Trainer:
             batch = (self.data.video_batch(index, c.max_frames) if c.mode == "sync"
                      else self.data.frame_batch(index))
             sync_now = k == c.accumulate - 1 or self.world == 1
-            with (self.model.no_sync() if not sync_now else _nullcontext()):
+            with (self.model.no_sync() if not sync_now else contextlib.nullcontext()):
                 loss, nll, n = (self._videos_loss(batch) if c.mode == "sync"
                                 else self._frames_loss(batch))
                 # DDP averages over processes: scale so the step's gradient is the mean
@@ -492,14 +493,6 @@ class Trainer:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
         return TrainResult(self.step, self.frames, status, self.seconds, self.paths.root, last)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _main_thread() -> bool:
