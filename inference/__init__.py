@@ -21,6 +21,7 @@ from .base import (
     register_engine,
 )
 from .bp import BeliefPropagation, BPNotConvergedWarning
+from .distribution import ApproximateFieldWarning, FieldDistribution
 from .exact import BruteForce, VariableElimination
 from .losses import closed_form_gradients, exact_nll, meanfield_loss
 from .meanfield import InfeasibleWarning, MeanField, MeanFieldWarning, NotConvergedWarning
@@ -42,6 +43,8 @@ __all__ = [
     "AsynchronousMeanField",
     "BeliefPropagation",
     "BPNotConvergedWarning",
+    "FieldDistribution",
+    "ApproximateFieldWarning",
     "asynchronous_step",
     "Coupled",
     "AsyncStep",
