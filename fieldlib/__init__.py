@@ -20,8 +20,9 @@ from fieldlib.errors import (
 #: Public names and the module each lives in. They load on first use (PEP 562), so that
 #: ``import fieldlib.errors`` or the command line's ``--help`` do not import torch.
 _LAZY = {
-    **dict.fromkeys(["Component", "Factor", "FrameIntent", "KernelTemporal", "SparseTable",
-                     "Table", "Term", "factor_types", "register_factor"], "fieldlib.factors"),
+    **dict.fromkeys(["ChainPairwise", "Component", "Factor", "FrameIntent", "KernelTemporal",
+                     "SparseTable", "Table", "Term", "factor_types", "register_factor"],
+                    "fieldlib.factors"),
     "FactorGraph": "fieldlib.graph",
     **dict.fromkeys(["GaussianKernel", "KernelSum"], "fieldlib.kernels"),
     **dict.fromkeys(["BlockDomain", "Domain", "Variable", "VariableArray"],
@@ -58,6 +59,7 @@ __all__ = [
     "Component",
     "FrameIntent",
     "KernelTemporal",
+    "ChainPairwise",
     "GaussianKernel",
     "KernelSum",
     "register_factor",

@@ -214,17 +214,26 @@ class FactorGraph:
         label (a string, or a list of them) of a variable whose domain has labels; floats
         are accepted only when they are exact integers.
 
+        Partial evidence: in a tensor of values (an array's ``(T,)`` / ``(N, T)``, or one
+        variable's ``(N,)``), -1 marks an entry unobserved. The other form is a pair
+        ``(states, observed)`` with ``observed`` a boolean tensor of the states' shape (or
+        broadcastable to it), True where observed; the states elsewhere are ignored (and
+        -1 is unobserved there too). A
+        variable observed in some batch elements only is returned with -1 in the others
+        (engines clamp it where observed and leave it free elsewhere); one observed in no
+        element is left out. A lone -1 for one variable is refused: leave it out instead.
+
         Padding (an array made with ``lengths``): a padded position takes no evidence. In
         evidence for a whole array, and for an element, the value there must be -1 (what
-        MAP reports on padding) or 0 (the state padding is clamped to); it is then ignored.
-        Any other value there raises, naming the variable and the batch element. Every
-        engine shares this rule.
+        MAP reports on padding) or 0 (the state padding is clamped to), or be marked
+        unobserved; it is then ignored. Any other value there raises, naming the variable
+        and the batch element. Every engine shares this rule.
 
         Raises:
             EvidenceError: a state out of range, a label the domain does not have, a
-                fraction / NaN / boolean / None / empty value, a bad shape, evidence on a
-                padded position, or one variable given two different values (e.g. by
-                ``"x"`` and ``"x[1]"``).
+                fraction / NaN / boolean / None / empty value, a bad shape (of the states or
+                of the mask), evidence on a padded position, or one variable given two
+                different values (e.g. by ``"x"`` and ``"x[1]"``).
             UnknownVariableError: a key that is not a variable or array of this graph.
         """
         out: dict[Variable, torch.Tensor] = {}
@@ -238,37 +247,50 @@ class FactorGraph:
             )
         for key, value in evidence.items():
             target = self.resolve(key)
-            value = self._evidence_tensor(target, value)
+            value, observed = self._evidence_tensor(target, value)
             if isinstance(target, VariableArray):
                 if value.shape[-1:] != (target.size,) or value.dim() > 2:
                     raise EvidenceError(
                         f"evidence for array {target.name!r} must have shape "
                         f"({target.size},) or (N, {target.size}), got {tuple(value.shape)}"
                     )
-                pairs = [(v, value[..., t]) for t, v in enumerate(target)]
+                pairs = [(v, value[..., t], observed[..., t]) for t, v in enumerate(target)]
             else:
-                pairs = [(target, value)]
-            for v, val in pairs:
+                pairs = [(target, value, observed)]
+            for v, val, obs in pairs:
                 if val.dim() > 1:
                     raise EvidenceError(f"evidence for {v.name!r} must be a scalar or (N,)")
                 if val.dim() == 1:
                     self._check_evidence_batch(v, len(val))
-                val = self._evidence_on_padding(v, val)
-                if bool(((val < 0) | (val >= v.cardinality)).any()):
-                    bad = int(val.flatten()[((val < 0) | (val >= v.cardinality)).flatten()][0])
+                active = self.active(v)
+                wrong = obs & ((val < 0) | (val >= v.cardinality))
+                if active is not None:
+                    wrong = wrong & active  # padding has its own rule
+                if bool(wrong.any()):
+                    bad = int(val.expand_as(wrong)[wrong].flatten()[0])
                     raise EvidenceError(
                         f"evidence {v.name}={bad} is outside its states 0..{v.cardinality - 1}"
+                        + (" (a lone -1 is no state: leave the variable out)" if bad == -1
+                           and val.dim() == 0 else "")
                     )
+                val = self._evidence_on_padding(v, val, obs)
+                if val is None:
+                    continue  # observed in no batch element
                 if v in out:
-                    _check_same_evidence(v, out[v], val, source[v], target.name)
+                    val = _merge_evidence(v, out[v], val, source[v], target.name)
                 out[v], source[v] = val, target.name
         return out
 
-    def _evidence_tensor(self, target, value) -> torch.Tensor:
-        """One evidence value as a LongTensor on the graph's device (labels mapped)."""
+    def _evidence_tensor(self, target, value) -> tuple[torch.Tensor, torch.Tensor]:
+        """One evidence value as ``(states, observed)``: a LongTensor on the graph's device
+        (labels mapped) and a BoolTensor of its shape, False where the value is unobserved
+        (the mask of a ``(states, observed)`` pair; -1 in a tensor of values)."""
         name = target.name
         if value is None:
             raise EvidenceError(f"evidence for {name!r} is None; give a state (an integer)")
+        mask = None
+        if isinstance(value, tuple | list) and len(value) == 2 and _is_bool_mask(value[1]):
+            value, mask = value
         value = _map_labels(target, value)
         big = _beyond_int64(value)
         if big is not None:
@@ -281,23 +303,46 @@ class FactorGraph:
         if value.numel() == 0:
             raise EvidenceError(f"evidence for {name!r} is empty (shape "
                                 f"{tuple(value.shape)}); leave the variable out instead")
-        return value.to(self.device)
-
-    def _evidence_on_padding(self, v: Variable, val: torch.Tensor) -> torch.Tensor:
-        """Apply the padding rule of :meth:`evidence`: -1 or 0 on padding, set to 0."""
-        active = self.active(v)
-        if active is None or bool(active.all()):
-            return val
-        full = val.expand(len(active))
-        bad = ~active & (full != -1) & (full != 0)
-        if bool(bad.any()):
-            b = int(bad.nonzero()[0, 0])
+        value = value.to(self.device)
+        if mask is None:  # -1 marks an entry unobserved, except as a lone value
+            return value, (value != -1) if value.dim() else torch.ones_like(value, dtype=bool)
+        mask = torch.as_tensor(mask, device=self.device)
+        try:
+            mask = mask.expand(value.shape)
+        except RuntimeError:
             raise EvidenceError(
-                f"evidence {v.name}={int(full[b])} in batch element {b}, where {v.name} is "
-                f"padding (lengths[{b}] = {int(v.array.lengths[b])}); a padded position "
-                f"takes no evidence: give -1 there or leave it out"
-            )
-        return torch.where(active, full, full.new_zeros(()))
+                f"evidence for {name!r}: the observed mask has shape {tuple(mask.shape)}, "
+                f"the states {tuple(value.shape)}; give one of the states' shape") from None
+        if value.dim():
+            mask = mask & (value != -1)  # -1 stays "unobserved" in the pair form too
+        return torch.where(mask, value, value.new_full((), -1)), mask
+
+    def _evidence_on_padding(self, v: Variable, val: torch.Tensor,
+                             observed: torch.Tensor) -> torch.Tensor | None:
+        """Apply the padding rule of :meth:`evidence` to one variable's values (-1 where
+        ``observed`` is False): -1 or 0 on padding, or unobserved there. Returns the values
+        with padding set to the clamp state 0 when every real entry is observed, to -1 when
+        only some are, and None when none is."""
+        active = self.active(v)
+        if active is not None and not bool(active.all()):
+            full, seen = val.expand(len(active)), observed.expand(len(active))
+            bad = ~active & seen & (full != -1) & (full != 0)
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0, 0])
+                raise EvidenceError(
+                    f"evidence {v.name}={int(full[b])} in batch element {b}, where {v.name} is "
+                    f"padding (lengths[{b}] = {int(v.array.lengths[b])}); a padded position "
+                    f"takes no evidence: give -1 there or leave it out"
+                )
+            real = active & seen
+            if not bool(real.any()):
+                return None
+            if bool((real | ~active).all()):
+                return torch.where(active, full, full.new_zeros(()))
+            return torch.where(real, full, full.new_full((), -1))
+        if not bool(observed.any()):
+            return None
+        return val
 
     def batch_of(self, evidence: dict[Variable, torch.Tensor]) -> tuple[int, bool]:
         """``(N, batched)`` of a query: the graph's batch size, or the length of per-batch
@@ -326,45 +371,64 @@ class FactorGraph:
         Raises TooLargeError when a factor's dense tables exceed ``max_elements``.
         """
         out: list[Term] = []
+        padded = self._padding()
         for f in self.factors:
             f._refuse_if_large(max_elements)
             for term in f.terms():
-                out.append(self._mask_term(term))
-        out.extend(self._padding_clamps())
+                out.append(self._mask_term(term, padded))
+        out.extend(self._padding_clamps(padded))
         return out
 
-    def term_active(self, term: Term) -> torch.Tensor | None:
+    def _padding(self) -> dict:
+        """``{array: (mask (N, T) on the device, [position t real in every element], its
+        columns)}`` for the arrays made with ``lengths``: computed once per call of
+        :meth:`terms`, so that a term is masked without a tensor operation per variable."""
+        out = {}
+        for a in self.arrays.values():
+            if a.lengths is not None:
+                mask = a.mask().to(self.device)
+                out[a] = (mask, mask.all(0).tolist(), mask.t().unbind(0))
+        return out
+
+    def term_active(self, term: Term, padded: dict | None = None) -> torch.Tensor | None:
         """``BoolTensor (N,)``: whether every variable of ``term`` is real (not padding) per
         batch element; None when no variable of its scope is ever padded. A term that is
         not active is masked to zero and its factor marginal is zero."""
         active = None
         for v in term.variables:
-            a = self.active(v)
+            if padded is None:
+                a = self.active(v)
+            elif v.array in padded:
+                a = padded[v.array][2][v.position]
+            else:
+                continue
             if a is not None:
                 active = a if active is None else active & a
         return active
 
-    def _mask_term(self, term: Term) -> Term:
-        active = self.term_active(term)
-        if active is None or bool(active.all()):
-            return term
+    def _mask_term(self, term: Term, padded: dict) -> Term:
+        if all(v.array not in padded or padded[v.array][1][v.position]
+               for v in term.variables):
+            return term  # no variable of the term is padding in any element
+        active = self.term_active(term, padded)
         shape = (-1,) + (1,) * len(term.variables)
-        table = torch.where(active.view(shape), term.table, term.table.new_zeros(()))
+        table = torch.where(active.view(shape), term.table, 0.0)
         return Term(term.variables, table, True, term.factor)
 
-    def _padding_clamps(self) -> list[Term]:
+    def _padding_clamps(self, padded: dict) -> list[Term]:
+        """A ``(N, d)`` table for each position that is padding in some element: 0 at state
+        0, -inf at the others where it is padding (made for a whole array at once)."""
         clamps = []
-        for a in self.arrays.values():
-            if a.lengths is None:
+        for a, (mask, real, _) in padded.items():
+            where = [t for t, r in enumerate(real) if not r]
+            if not where:
                 continue
-            for v in a:
-                active = self.active(v)
-                if bool(active.all()):
-                    continue
-                table = torch.zeros(len(active), v.cardinality, dtype=self.dtype,
-                                    device=self.device)
-                table[~active, 1:] = float("-inf")
-                clamps.append(Term((v,), table, True, None))
+            pad = ~mask[:, where].t()                                         # (k, N)
+            tables = torch.zeros(len(where), len(mask), a.cardinality, dtype=self.dtype,
+                                 device=self.device)
+            tables[..., 1:].masked_fill_(pad[..., None], float("-inf"))
+            clamps.extend(Term((a[t],), table, True, None)
+                          for t, table in zip(where, tables.unbind(0)))
         return clamps
 
     # -- views ----------------------------------------------------------------------------
@@ -456,12 +520,21 @@ def _beyond_int64(value):
     return None
 
 
-def _check_same_evidence(v: Variable, old: torch.Tensor, new: torch.Tensor, first: str,
-                         second: str) -> None:
-    """Raise EvidenceError when ``v`` is given two different values."""
+def _is_bool_mask(x) -> bool:
+    """Whether ``x`` is a boolean tensor or numpy array (the mask of ``(states, mask)``)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype == torch.bool or getattr(dtype, "kind", None) == "b"
+
+
+def _merge_evidence(v: Variable, old: torch.Tensor, new: torch.Tensor, first: str,
+                    second: str) -> torch.Tensor:
+    """One variable's values given twice (e.g. by ``"x"`` and ``"x[1]"``): where both
+    observe it they must agree; the result observes it where either does.
+
+    Raises EvidenceError naming both sources when they disagree."""
     try:
         a, b = torch.broadcast_tensors(old, new)
-        same = bool((a == b).all())
+        same = bool(((a == b) | (a < 0) | (b < 0)).all())
     except RuntimeError:
         same = False
     if not same:
@@ -470,6 +543,7 @@ def _check_same_evidence(v: Variable, old: torch.Tensor, new: torch.Tensor, firs
             f"conflicting evidence for {v.name!r}: given {by} with different values "
             f"({old.tolist()} and {new.tolist()})"
         )
+    return torch.where(a >= 0, a, b)
 
 
 def _preview(names, k: int = 8) -> str:

@@ -237,7 +237,8 @@ class AsynchronousMeanField(Engine):
             unary = unary.clone()
             for v, value in graph.evidence(evidence).items():
                 value = value.to(device).long().reshape(-1).expand(n)
-                keep = torch.nn.functional.one_hot(value, v.cardinality).bool()
+                keep = torch.nn.functional.one_hot(value.clamp(min=0), v.cardinality).bool()
+                keep = keep | (value < 0)[:, None]  # -1: unobserved in that element
                 if id(v) in position:
                     t = position[id(v)]
                     unary[:, t] = unary[:, t].masked_fill(~keep, float("-inf"))

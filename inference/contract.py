@@ -490,7 +490,11 @@ def _max_step(tensors, inputs, out):
     shape = list(total.shape[: len(out)])
     sizes = list(total.shape[len(out):])
     flat = total.reshape(shape + [-1])
-    values, arg = flat.max(dim=-1)
+    # argmax then gather, not max(dim=-1): the same first maximal index and value, but
+    # torch's CPU max-with-indices took 1-8 ms on a (32, 400) table with two threads
+    # (argmax: 0.03 ms): 3.9 of the 4.9 s of MAP on a padded chain of 512 steps
+    arg = flat.argmax(dim=-1)
+    values = flat.gather(-1, arg.unsqueeze(-1)).squeeze(-1)
     return values, arg, list(zip(reduced, sizes))
 
 

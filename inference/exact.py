@@ -17,9 +17,11 @@ from fieldlib.errors import FieldlibError, TooLargeError
 from fieldlib.io.budget import available_memory as host_memory
 
 from .base import Engine, register_engine
+from .chain import chain_cost, chain_log_z, chain_map, find_chain
 from .contract import (
     BATCH,
     FIXED_OVERHEAD,
+    MARGIN,
     backtrack,
     contract_path,
     path_cost,
@@ -65,7 +67,8 @@ class BruteForce(Engine):
 
     def run(self, graph, evidence, *, marginals, factor_marginals, map):
         observed = graph.evidence(evidence) if graph.variables else {}
-        states = math.prod(v.cardinality for v in graph.variables.values() if v not in observed)
+        states = math.prod(v.cardinality for v in graph.variables.values()
+                           if v not in observed or bool((observed[v] < 0).any()))
         if states > self.max_states:  # before anything of that size is allocated
             raise TooLargeError(
                 f"brute force would enumerate {states:,} joint states, above max_states="
@@ -135,6 +138,11 @@ class VariableElimination(Engine):
             (``ordering.SECONDS_PER_WORK``), so it no longer depends on machine load.
         seed: seeds the restarts.
         max_dense: refuse factors whose dense tables exceed this many elements.
+        chain: run a query whose free variables form paths (a linear-chain CRF, padded or
+            not, with any evidence) by the forward recursion in log space
+            (inference/chain.py) instead of the general contraction: the same numbers to
+            rounding, with no order search (``order`` does not apply) and its own memory
+            estimate. False: always the general contraction.
 
     Raises:
         FieldlibError: a memory_budget that is not a positive number, an unknown order, a
@@ -148,7 +156,7 @@ class VariableElimination(Engine):
 
     def __init__(self, memory_budget: float | None = None, order: str = "auto",
                  search_effort: float = 1.0, search_time: float | None = None,
-                 seed: int = 0, max_dense: int | None = None):
+                 seed: int = 0, max_dense: int | None = None, chain: bool = True):
         import warnings
 
         from .ordering import DEFAULT_MAX_WORK, SECONDS_PER_WORK
@@ -183,7 +191,9 @@ class VariableElimination(Engine):
         self.search_time = search_time
         self.seed = seed
         self.max_dense = max_dense
+        self.chain = bool(chain)
         self._cache: dict = {}
+        self._chains: dict = {}
 
     def plan(self, labels, cards, free_labels):
         """``(Plan, PathCost, info)`` for operands with ``labels`` (cached by structure).
@@ -211,6 +221,16 @@ class VariableElimination(Engine):
         self._cache[key] = (plan, cost, info)
         return plan, cost, info
 
+    def _chain(self, labels):
+        """The operands' :class:`~.chain.Chain` when they form paths and ``chain`` is on
+        (cached by structure, like the plan), else None."""
+        if not self.chain:
+            return None
+        key = tuple(labels)
+        if key not in self._chains:
+            self._chains[key] = find_chain(labels)
+        return self._chains[key]
+
     def run(self, graph, evidence, *, marginals, factor_marginals, map):
         t0 = time.perf_counter()
         budget = self.memory_budget
@@ -222,23 +242,43 @@ class VariableElimination(Engine):
                        # each state: its probe, the probe's gradient, the marginal, a copy
                        max_probe_elements=budget / (4 * itemsize), engine="exact inference",
                        **kwargs)
-        free_labels = [graph.index(v) for v in prep.free]
-        plan, cost, info = self.plan(prep.labels, prep.cards, free_labels)
-        need = cost.peak * itemsize + FIXED_OVERHEAD
-        if map:
-            need = max(need, cost.map_peak * itemsize + FIXED_OVERHEAD)
-        info.update(largest_intermediate=cost.largest_intermediate, flops=cost.flops,
-                    estimated_bytes=need, budget_bytes=budget)
+        chain = self._chain(prep.labels)
+        if chain is not None:  # no order to search: the recursion's own account
+            inputs = sum(t.numel() for t in prep.operands)
+            differentiable = torch.is_grad_enabled() and any(t.table.requires_grad
+                                                             for t in prep.terms)
+            query = "factor" if factor_marginals else \
+                "grad" if marginals or differentiable else "sum"
+            cost = chain_cost(chain, prep.cards, inputs, query)
+            peak = cost["peak"]
+            if map:
+                peak = max(peak, chain_cost(chain, prep.cards, inputs, "map")["peak"])
+            need = int(MARGIN * peak) * itemsize + FIXED_OVERHEAD
+            info = {"path": "chain", "heuristic": "chain", "restarts": 0, "search_work": 0,
+                    "order_seconds": 0.0, "largest_intermediate": cost["largest_intermediate"],
+                    "flops": cost["flops"]}
+        else:
+            free_labels = [graph.index(v) for v in prep.free]
+            plan, cost, info = self.plan(prep.labels, prep.cards, free_labels)
+            need = cost.peak * itemsize + FIXED_OVERHEAD
+            if map:
+                need = max(need, cost.map_peak * itemsize + FIXED_OVERHEAD)
+            info.update(path="contraction", largest_intermediate=cost.largest_intermediate,
+                        flops=cost.flops)
+        info.update(estimated_bytes=need, budget_bytes=budget)
         if need > budget:
             raise TooLargeError(
                 f"exact inference would need about {need:,} bytes ({need / 2**30:.2f} GiB; "
-                f"largest intermediate {cost.largest_intermediate:,} elements) but the memory "
+                f"largest intermediate {info['largest_intermediate']:,} elements) but the memory "
                 f"budget is {budget:,} bytes ({budget / 2**30:.2f} GiB); use a mean-field "
                 f"engine or raise memory_budget"
             )
         grad_needed = marginals or factor_marginals
         with torch.enable_grad() if grad_needed else contextlib.nullcontext():
-            log_z, _ = contract_path(prep.operands, plan, "sum")
+            if chain is not None:
+                log_z = chain_log_z(prep.operands, chain, prep.cards)
+            else:
+                log_z, _ = contract_path(prep.operands, plan, "sum")
         check_finite(prep, log_z)
         user_grad = any(t.table.requires_grad for t in prep.terms)
         var_marg = fgrads = None
@@ -256,8 +296,11 @@ class VariableElimination(Engine):
         if map:
             with torch.no_grad():
                 ops = [t.detach() for t in prep.operands]
-                score, pointers = contract_path(ops, plan, "max")
-                labels_value = backtrack(pointers, prep.batch)
+                if chain is not None:
+                    score, labels_value = chain_map(ops, chain, prep.cards)
+                else:
+                    score, pointers = contract_path(ops, plan, "max")
+                    labels_value = backtrack(pointers, prep.batch)
             assignment = {v: labels_value.get(graph.index(v),
                                               torch.zeros(prep.batch, dtype=torch.long,
                                                           device=prep.device))

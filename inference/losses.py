@@ -60,13 +60,16 @@ __all__ = [
 
 
 def _labels(graph, labels) -> dict:
-    """Evidence for the labelled variables, padded positions set to 0 (their clamp)."""
+    """Evidence for the labelled variables, padded positions set to 0 (their clamp). A
+    value is read as evidence is (``FactorGraph.evidence``): state labels, -1 or a
+    ``(states, observed)`` pair for unlabelled entries, which stay -1 (partial labels:
+    the loss is then -log P(the labelled entries))."""
     if not isinstance(labels, Mapping):
         raise FieldlibError("labels must map arrays / variables (or their names) to states")
     out = {}
     for key, value in labels.items():
         target = graph.resolve(key)
-        value = torch.as_tensor(value, device=graph.device).long()
+        value, _ = graph._evidence_tensor(target, value)
         if isinstance(target, VariableArray) and target.lengths is not None:
             mask = target.mask().to(value.device)
             value = torch.where(mask if value.dim() == 2 else mask[0], value,

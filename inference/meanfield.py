@@ -277,9 +277,10 @@ class MeanField(Engine):
             mask, states = clamp.setdefault(
                 g, (torch.zeros(n, layout.groups[g].size, dtype=torch.bool, device=device),
                     torch.zeros(n, layout.groups[g].size, dtype=torch.long, device=device)))
-            mask[:, pos] = free[g][:, pos]  # evidence on padding is ignored
-            states[:, pos] = value.to(device)
-            free[g][:, pos] = False
+            seen = value.to(device) >= 0  # -1: unobserved in that element (partial evidence)
+            mask[:, pos] = free[g][:, pos] & seen  # evidence on padding is ignored
+            states[:, pos] = value.to(device).clamp(min=0)
+            free[g][:, pos] = free[g][:, pos] & ~seen
         return free, clamp
 
     @staticmethod

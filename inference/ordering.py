@@ -15,8 +15,10 @@ An order's cost is Σ_v |clique(v)| in joint states: the work of the contraction
 bucket step is one batched matmul over its clique, see contract.py); ties go to the smaller
 largest clique (its memory).
 
-Strategy (docs/benchmarks.md): the two deterministic runs always happen. Then randomised
-runs (each score multiplied by ``exp(noise * U)``, U uniform) repeat while they may pay
+Strategy (docs/benchmarks.md): the two deterministic runs always happen. When the better
+of them meets :func:`_lower_bounds` (no order can do better: a chain, a forest of one
+cardinality) the search stops there, with the order the restarts would have kept. Else
+randomised runs (each score multiplied by ``exp(noise * U)``, U uniform) repeat while they may pay
 off: the search stops when its *work* reaches ``search_fraction`` of the predicted
 contraction time of the best order so far, or ``max_work``, whichever is first. Work is
 counted, not timed: one unit per variable score evaluated or neighbour visited (about
@@ -188,6 +190,27 @@ def _greedy(g: _Graph, heuristic: str, rng: random.Random | None, noise: float,
     return (order, total, largest), work
 
 
+def _lower_bounds(g: _Graph) -> tuple[int, int]:
+    """``(cost, largest)`` that no elimination order of ``g`` can beat. Each edge {u, v} is
+    in the clique of whichever endpoint goes first, so that clique holds d_u d_v states and
+    a clique of u holds d_u Π d_v over the edges it takes, which is at least
+    d_u (1 + Σ (d_v - 1)): cost >= Σ_v d_v + Σ_edges (d_u d_v - max(d_u, d_v)), largest >=
+    max(d_u d_v, d_v). Both are reached by eliminating a chain (any forest of one
+    cardinality) from its ends, so no restart can improve on such an order."""
+    cost = sum(g.cards)
+    largest = max(g.cards, default=0)
+    for v, a in enumerate(g.adj):
+        x = a >> (v + 1)
+        while x:
+            low = x & -x
+            x ^= low
+            u = v + low.bit_length()
+            du, dv = g.cards[u], g.cards[v]
+            cost += du * dv - max(du, dv)
+            largest = max(largest, du * dv)
+    return cost, largest
+
+
 def elimination_order(scopes: Sequence[Sequence[int]], cards: dict[int, int],
                       variables: Sequence[int], time_budget: float | None = None,
                       seed: int = 0, min_restarts: int = 2, search_fraction: float = 0.05,
@@ -234,6 +257,7 @@ def elimination_order(scopes: Sequence[Sequence[int]], cards: dict[int, int],
     rng = random.Random(seed)
     best: OrderSearch | None = None
     runs = work = 0
+    bounds = None
     while True:
         heuristic = ("fill", "weight")[runs % 2]
         r = rng if runs >= 2 else None
@@ -249,6 +273,10 @@ def elimination_order(scopes: Sequence[Sequence[int]], cards: dict[int, int],
         if g.n <= 1:
             break
         if runs >= min_restarts:
+            if bounds is None:
+                bounds = _lower_bounds(g)
+            if (best.cost, best.max_clique) <= bounds:
+                break  # optimal: no restart can replace it (a chain, a tree)
             allowed = effort * min(
                 max_work, search_fraction * predicted_seconds(best.cost, g.n) / SECONDS_PER_WORK)
             if work > allowed or (max_restarts is not None and runs >= max_restarts):

@@ -9,7 +9,7 @@ respect to a log-potential is the marginal of its scope: torch-struct's trick).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ from fieldlib.variables import Variable
 
 from .base import Result
 from .contract import BATCH
+from .scaled import table_ranges
 
 __all__ = ["Prepared", "prepare", "finish", "compute_dtype", "check_range"]
 
@@ -50,6 +51,10 @@ class Prepared:
     cards: dict[int, int]
     dtype: torch.dtype
     device: torch.device
+    #: variables observed in some batch elements only: ``{Variable: (N,)}``, -1 where
+    #: unobserved. They stay free; a clamp operand (0 at the observed state, -inf at the
+    #: others, all 0 where unobserved) follows the probes.
+    partial: dict = field(default_factory=dict)
 
 
 def _take(table: torch.Tensor, axis: int, state: torch.Tensor) -> torch.Tensor:
@@ -76,7 +81,8 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
     batch, batched = graph.batch_of(ev)
     dtype = compute_dtype(dtype or graph.dtype)
     device = graph.device
-    free_vars = [v for v in graph.variables.values() if v not in ev]
+    free_vars = [v for v in graph.variables.values()
+                 if v not in ev or bool((ev[v] < 0).any())]  # partial evidence: free
     widest = max(free_vars, key=lambda v: v.cardinality, default=None)
     own = batch * sum(v.cardinality for v in free_vars)
     if own > max_probe_elements:
@@ -86,6 +92,8 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
             f"its limit of {int(max_probe_elements):,}"
         )
     ev = {v: (s.expand(batch) if s.dim() == 0 else s).to(device) for v, s in ev.items()}
+    partial = {v: s for v, s in ev.items() if bool((s < 0).any())}
+    ev = {v: s for v, s in ev.items() if v not in partial}
 
     terms = graph.terms(max_dense)
     operands, labels, term_probes = [], [], []
@@ -118,13 +126,20 @@ def prepare(graph, evidence=None, *, probes: bool = True, factor_marginals: bool
                 probe_tables[v] = z
             operands.append(z)
             labels.append((BATCH, graph.index(v)))
+    for v, s in partial.items():  # observed in some elements: clamped there, free elsewhere
+        clamp = torch.zeros(batch, v.cardinality, dtype=dtype, device=device)
+        clamp.masked_fill_((s >= 0)[:, None], float("-inf"))
+        seen = (s >= 0).nonzero().flatten()
+        clamp[seen, s[seen]] = 0.0
+        operands.append(clamp)
+        labels.append((BATCH, graph.index(v)))
     if not operands:  # every variable observed and no factor: log Z is log 1 = 0
         operands.append(torch.zeros(batch, dtype=dtype, device=device))
         labels.append((BATCH,))
     cards = {graph.index(v): v.cardinality for v in free}
     cards[BATCH] = batch
     return Prepared(graph, batch, batched, free, ev, operands, labels, probe_tables, terms,
-                    term_probes, cards, dtype, device)
+                    term_probes, cards, dtype, device, partial)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -145,15 +160,8 @@ def check_range(operands, terms, dtype: torch.dtype) -> None:
     """
     if not operands:
         return
-    with torch.no_grad():
-        top = []
-        for t in operands:
-            t = t.detach()
-            finite = torch.where(torch.isfinite(t), t.abs(), torch.zeros((), dtype=t.dtype,
-                                                                           device=t.device))
-            top.append(finite.amax() if finite.numel() else finite.new_zeros(()))
-        big = torch.stack(top).double()
-        bound = float(big.sum())
+    big = table_ranges(operands)  # per chunk of same-shape tables, not one by one
+    bound = float(big.sum())
     states = sum(math.log(max(d, 1)) for t in operands for d in t.shape[1:])
     limit = torch.finfo(dtype).max
     if not bound + states < limit:
@@ -179,7 +187,7 @@ def check_finite(prep: Prepared, log_z: torch.Tensor) -> None:
     bad = torch.isneginf(value)
     if bool(bad.any()):
         which = "" if not prep.batched else f" (batch element {int(bad.nonzero()[0, 0])})"
-        if prep.evidence:
+        if prep.evidence or prep.partial:
             raise ZeroProbabilityError(f"the evidence has probability zero{which}")
         raise ZeroProbabilityError(f"the model gives every configuration probability zero{which}")
 
@@ -201,6 +209,10 @@ def finish(prep: Prepared, engine: str, log_z=None, var_marginals=None, factor_g
                 m = torch.nn.functional.one_hot(prep.evidence[v], v.cardinality).to(prep.dtype)
             else:
                 m = var_marginals[v]
+                if v in prep.partial:  # exactly one-hot where observed
+                    s = prep.partial[v]
+                    hot = torch.nn.functional.one_hot(s.clamp(min=0), v.cardinality)
+                    m = torch.where((s >= 0)[:, None], hot.to(m.dtype), m)
             active = graph.active(v)
             if active is not None:
                 m = m * active.to(m.dtype)[:, None]
@@ -222,6 +234,8 @@ def finish(prep: Prepared, engine: str, log_z=None, var_marginals=None, factor_g
         mapping = {}
         for v in graph.variables.values():
             value = prep.evidence[v] if v in prep.evidence else assignment[v]
+            if v in prep.partial:
+                value = torch.where(prep.partial[v] >= 0, prep.partial[v], value)
             active = graph.active(v)
             if active is not None:
                 value = torch.where(active, value, torch.full_like(value, -1))

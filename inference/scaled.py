@@ -26,7 +26,8 @@ import torch
 
 from fieldlib.errors import TooLargeError
 
-__all__ = ["Scaled", "Unsafe", "from_log", "to_log", "scaled_step", "safe_log", "einsum_labels"]
+__all__ = ["Scaled", "Unsafe", "from_log", "to_log", "scaled_step", "safe_log", "einsum_labels",
+           "table_ranges"]
 
 
 class _SafeLog(torch.autograd.Function):
@@ -82,28 +83,95 @@ def _per_batch(t: torch.Tensor, op) -> torch.Tensor:
     return op(flat, 1) if flat.shape[1] else t.new_zeros(t.shape[0])
 
 
+#: Elements stacked at once by :func:`from_log` and :func:`table_ranges`: groups of same-shape
+#: tables are processed in chunks of about this size. One stack of every table (a chain of
+#: 512 steps: 6.5M elements) spends most of its time faulting in fresh pages; chunks reuse
+#: the allocator's blocks (3-4x faster on a padded chain, docs/benchmarks.md).
+CHUNK_ELEMENTS = 2**18
+
+
+def _chunks(tables):
+    """``(shape, shared, members)``: groups of ``tables`` (batch axis first) with one shape
+    (``shape``: without the batch axis), each at most about :data:`CHUNK_ELEMENTS`;
+    ``shared``: expanded along the batch (stride 0, e.g. an unbatched table), handled as
+    one row, not N."""
+    groups: dict[tuple, list[int]] = {}
+    for k, t in enumerate(tables):
+        shared = t.shape[0] > 1 and t.stride(0) == 0
+        groups.setdefault((tuple(t.shape), shared), []).append(k)
+    for (shape, shared), members in groups.items():
+        size = max(math.prod(shape[1:]) * (1 if shared else shape[0]), 1)
+        step = max(1, CHUNK_ELEMENTS // size)
+        for i in range(0, len(members), step):
+            yield shape[1:], shared, members[i:i + step]
+
+
+def _row_ranges(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, min over finite entries)`` along the last axis of ``d``: -inf for a row with
+    no finite entry (max) or none at all (min is then +inf). One pass each, and the masked
+    minimum only for rows that hold a -inf."""
+    top, low = d.amax(-1), d.amin(-1)
+    holes = torch.isneginf(low)
+    if bool(holes.any()):
+        rows = d[holes]
+        low = low.clone()
+        low[holes] = torch.where(torch.isneginf(rows), torch.full_like(rows, math.inf),
+                                 rows).amin(-1)
+    return top, low
+
+
+def table_ranges(tables) -> torch.Tensor:
+    """``(k,)`` float64: the largest magnitude of a finite entry of each table (0 when it
+    has none). One ``aminmax`` a table (a table shared by the batch: its first row); the
+    tables holding a -inf are measured again, masked, per chunk of one shape."""
+    out = torch.zeros(len(tables), dtype=torch.float64)
+    if not tables:
+        return out
+    with torch.no_grad():
+        rows = [t.detach() for t in tables]
+        rows = [t[:1] if t.shape[0] > 1 and t.stride(0) == 0 else t for t in rows]
+        low, top = zip(*(torch.aminmax(t) for t in rows))
+        low, top = torch.stack(low).double().cpu(), torch.stack(top).double().cpu()
+        out = torch.maximum(top.abs(), low.abs())
+        holes = torch.isneginf(low).nonzero().flatten().tolist()
+        if holes:
+            for _, _, members in _chunks([rows[k] for k in holes]):
+                d = torch.stack([rows[holes[j]] for j in members]).reshape(len(members), -1)
+                top, low = _row_ranges(d)
+                top = torch.where(torch.isfinite(top), top.abs(), torch.zeros_like(top))
+                low = torch.where(torch.isfinite(low), low.abs(), torch.zeros_like(low))
+                out[[holes[j] for j in members]] = torch.maximum(top, low).double().cpu()
+    return out
+
+
 def from_log(tables, labels) -> list[Scaled]:
     """Log-tables (batch axis first, all of one batch size N) as scaled linear operands,
-    each shifted by its own per-batch max: a few vectorised ops for all tables at once."""
+    each shifted by its own per-batch max: a few vectorised ops per chunk of same-shape
+    tables (:func:`_chunks`; a chain of T steps is a few chunks, not T operands one by one).
+
+    A table shared by the batch (expanded along it: stride 0, e.g. an unbatched transition
+    matrix) is exponentiated once and its result expanded, not once per batch element: the
+    same values, N times less work and memory."""
     if not tables:
         return []
     n = tables[0].shape[0]
-    flat = [t.reshape(n, -1) for t in tables]
-    lengths = [f.shape[1] for f in flat]
-    data = torch.cat(flat, dim=1) if len(flat) > 1 else flat[0]
-    with torch.no_grad():
-        d = data.detach().t()
-        counts = torch.tensor(lengths, device=d.device)
-        m = torch.segment_reduce(d, "max", lengths=counts, axis=0)          # (k, N)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        finite = torch.where(torch.isfinite(d), d, torch.full_like(d, math.inf))
-        low = torch.segment_reduce(finite, "min", lengths=counts, axis=0) - m
-        low = torch.where(torch.isfinite(low), low, torch.zeros_like(low)).amin(1)
-        lows = (low / math.log(2)).tolist()
-        shift = m.repeat_interleave(counts, dim=0).t()
-    parts = (data - shift).exp().split(lengths, dim=1)
-    return [Scaled(p.reshape(t.shape), tuple(lab), m[k], lows[k], 0.0, True, t)
-            for k, (p, t, lab) in enumerate(zip(parts, tables, labels))]
+    out: list = [None] * len(tables)
+    for shape, shared, members in _chunks(tables):
+        rows = 1 if shared else n
+        data = torch.stack([tables[k][:rows] for k in members]).reshape(len(members), rows, -1)
+        with torch.no_grad():
+            m, low = _row_ranges(data.detach())                               # (k, rows)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            low = low - m
+            low = torch.where(torch.isfinite(low), low, torch.zeros_like(low)).amin(1)
+            lows = (low / math.log(2)).tolist()
+        parts = data.sub_(m[..., None]).exp_()  # in place: no fresh pages for a copy
+        for j, k in enumerate(members):
+            p, scale = parts[j].reshape(rows, *shape), m[j]
+            if shared:
+                p, scale = p.expand(n, *shape), scale.expand(n)
+            out[k] = Scaled(p, tuple(labels[k]), scale, lows[j], 0.0, True, tables[k])
+    return out
 
 
 def to_log(op: Scaled) -> tuple[torch.Tensor, tuple[int, ...]]:

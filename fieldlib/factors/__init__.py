@@ -7,6 +7,7 @@ and what it returns (messages, possibly :class:`OnComponent`).
 
 from fieldlib.factors.base import Factor, Term, factor_types, register_factor
 from fieldlib.factors.beliefs import Beliefs, FixedBeliefs, MessageOptions, OnComponent
+from fieldlib.factors.chain import ChainPairwise
 from fieldlib.factors.component import Component
 from fieldlib.factors.frame_intent import FrameIntent
 from fieldlib.factors.kernel_temporal import KernelTemporal
@@ -26,4 +27,5 @@ __all__ = [
     "Component",
     "FrameIntent",
     "KernelTemporal",
+    "ChainPairwise",
 ]
