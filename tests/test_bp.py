@@ -464,3 +464,27 @@ def test_cli_not_converged_is_one_warning_line(capsys, tmp_path):
     assert code == 0 and out.startswith("MAR")
     assert err.startswith("fieldlib: warning: loopy BP") and err.count("\n") == 1
     assert math.isfinite(sum(float(v) for v in out.split()[2:]))
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_gradcheck_style_comparison_against_exact_holds_on_a_tree(labelled):
+    """check.compare takes the bp engine (its Bethe log Z and its own NLL): on a tree every
+    row must hold; on a loopy grid the estimate row is reported, not required."""
+    from fieldlib.inference.check import compare
+
+    cards, scopes = _star()
+    g, tables = build(cards, scopes, seed=3)
+    for t in tables:
+        t.requires_grad_(True)
+    params = {f"f{k}.log_potential": t for k, t in enumerate(tables)}
+    labels = {"v1": 1, "v2": 0} if labelled else None
+    report = compare(g, labels, params=params, engine=get_engine("bp", tol=1e-12),
+                     name="bp vs exact", expect_exact=True)
+    assert report.ok, report.table()
+    assert sum(r.must_hold for r in report.rows) == len(params) + 1
+    grid_cards = [2] * 9
+    grid = [(i, i + 1) for i in range(9) if i % 3 != 2] + [(i, i + 3) for i in range(6)]
+    loopy, _ = build(grid_cards, grid + [(i,) for i in range(9)], seed=4, scale=2.0)
+    report = compare(loopy, engine=get_engine("bp", damping=0.5, max_iter=500), params={})
+    assert report.rows[0].quantity == "marginals, log Z vs estimate"
+    assert not report.rows[0].must_hold and report.rows[0].tv > 0
