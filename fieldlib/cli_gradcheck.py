@@ -55,6 +55,7 @@ def run(args) -> int:
         compare_closed_form,
         toy_temporal_field,
     )
+    from fieldlib.inference import get_engine
 
     if args.trials < 1:
         raise FieldlibError("--trials must be at least 1")
@@ -72,6 +73,13 @@ def run(args) -> int:
                              name="meanfield vs exact, coupling off"))
         trial.extend(compare(graph, labels, params=params, l2_intent=args.l2_intent,
                              name="meanfield vs exact, coupling on"))
+        # loopy BP beside mean-field: exact with the coupling off, reported with it on
+        bp = get_engine("bp", tol=1e-12, max_iter=500, damping=0.3)
+        trial.extend(compare(off_graph, off_labels, params=off_params, engine=bp,
+                             l2_intent=args.l2_intent, expect_exact=True,
+                             name="bp vs exact, coupling off"))
+        trial.extend(compare(graph, labels, params=params, l2_intent=args.l2_intent,
+                             engine=bp, name="bp vs exact, coupling on"))
         trial.extend(compare_asynchronous(graph, labels, params=params,
                                           l2_intent=args.l2_intent,
                                           steps_old=tuple(args.async_steps_old)))
