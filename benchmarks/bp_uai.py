@@ -23,24 +23,13 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-UAI = ROOT.parent / "shared" / "data" / "uai"
-PROBLEMS = ["ObjectDetection_11", "CSP_12", "Promedus_15", "Grids_12", "Segmentation_11",
-            "DBN_11", "Pedigree_12"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exact_uai import PROBLEMS, UAI, answers  # noqa: E402  (.PR / .MAR readers)
+
 ENGINES = ["bp", "bp[schedule=sequential]", "bp[damping=0.5]", "bp[damping=0.8,max_iter=1000]",
            "meanfield", "exact"]
 
 
-def answers(name):
-    """``(log10 Z, [marginal per variable])`` from the problem's .PR and .MAR files."""
-    pr = float((UAI / f"{name}.uai.PR").read_text().split()[1])
-    mar = (UAI / f"{name}.uai.MAR").read_text().split()
-    n, pos, out = int(mar[1]), 2, []
-    for _ in range(n):
-        d = int(mar[pos])
-        out.append([float(x) for x in mar[pos + 1: pos + 1 + d]])
-        pos += 1 + d
-    return pr, out
 
 
 def run_one(name: str, spec: str) -> dict:

@@ -47,6 +47,7 @@ def run(args) -> int:
     import torch
 
     from fieldlib.errors import FieldlibError
+    from fieldlib.inference import get_engine
     from fieldlib.inference.check import (
         NO_CLOSED_FORM,
         CheckReport,
@@ -55,7 +56,6 @@ def run(args) -> int:
         compare_closed_form,
         toy_temporal_field,
     )
-    from fieldlib.inference import get_engine
 
     if args.trials < 1:
         raise FieldlibError("--trials must be at least 1")

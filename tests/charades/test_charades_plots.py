@@ -3,7 +3,6 @@ fake inputs, their errors, and ``fieldlib charades plot`` on a two-step training
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -13,10 +12,8 @@ import numpy as np
 import pytest
 
 from fieldlib.errors import FieldlibError, ShapeError
-from fieldlib.models.charades import cli as charades_cli
 from fieldlib.models.charades import plots
 from fieldlib.models.charades.annotations import Annotations, Instance, Video, read_annotations
-from fieldlib.models.charades.cli_plot import add_plot_parser
 from fieldlib.models.charades.data import bundled_annotations
 from fieldlib.models.charades.labels import load_labels
 from fieldlib.models.charades.predict import Predictions, evaluate, load_predictions
@@ -295,19 +292,9 @@ def test_fig7_errors(labels):
 
 # -- the CLI ------------------------------------------------------------------------------------
 def _main(argv, monkeypatch):
-    """fieldlib.cli.main with ``plot`` registered (until cli.py wires it itself)."""
+    """``fieldlib`` with ``argv`` (``charades plot`` is wired in models/charades/cli.py)."""
     from fieldlib.cli import main
 
-    original = charades_cli.add_parser
-
-    def add_parser(subparsers):
-        top = original(subparsers)
-        sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
-        if "plot" not in sub.choices:
-            add_plot_parser(sub)
-        return top
-
-    monkeypatch.setattr(charades_cli, "add_parser", add_parser)
     return main(argv)
 
 

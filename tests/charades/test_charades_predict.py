@@ -3,7 +3,6 @@ the 25 official time points, batching, pass 0 by hand, submissions, fusion, the 
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -11,8 +10,6 @@ import pytest
 import torch
 
 from fieldlib.errors import FieldlibError
-from fieldlib.models.charades import cli as charades_cli
-from fieldlib.models.charades.cli_predict import add_predict_parser
 from fieldlib.models.charades.config import TrainConfig
 from fieldlib.models.charades.data import load_training_data
 from fieldlib.models.charades.metrics import classify_map, localize_map
@@ -229,19 +226,9 @@ def test_predictions_save_and_load(preds, tmp_path):
 
 
 def _main(argv, monkeypatch):
-    """fieldlib.cli.main with ``predict`` registered (until cli.py wires it itself)."""
+    """``fieldlib`` with ``argv`` (``charades predict`` is wired in models/charades/cli.py)."""
     from fieldlib.cli import main
 
-    original = charades_cli.add_parser
-
-    def add_parser(subparsers):
-        top = original(subparsers)
-        sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
-        if "predict" not in sub.choices:
-            add_predict_parser(sub)
-        return top
-
-    monkeypatch.setattr(charades_cli, "add_parser", add_parser)
     return main(argv)
 
 
