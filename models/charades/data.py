@@ -187,6 +187,11 @@ def load_training_data(config) -> TrainingData:
         root = Path(config.data)
         rgb = config.rgb_root or root / "Charades_v1_rgb"
         flow = config.flow_root or root / "Charades_v1_flow"
+        frames_root = Path(rgb if config.stream == "rgb" else flow)
+        if not frames_root.is_dir():
+            raise FieldlibError(f"--data {config.data}: no {config.stream} frame folder "
+                                f"{frames_root} (expected the official Charades_v1_"
+                                f"{config.stream}/<ID>/<ID>-000001.jpg layout)")
         source = FolderSource(rgb if config.stream == "rgb" else None,
                               flow if config.stream == "flow" else None, size=size)
     table = frame_class_table(train, config.fps, labels.n_classes)

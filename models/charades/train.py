@@ -124,10 +124,10 @@ class Trainer:
         if config.num_threads:
             torch.set_num_threads(int(config.num_threads))
         self.dtype = getattr(torch, config.dtype)
+        self.data = data or load_training_data(config)  # bad data: an error before any file
         self._check_run_dir(resume)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
-        self.data = data or load_training_data(config)
         self.net = build_network(config, self.data.space).to(self.device)
         self.layout = frame_layout(self.data.space)  # built once: frame_inputs, video_graph
         self._freeze_unused()

@@ -280,5 +280,6 @@ def test_training_on_official_jpeg_folders_runs_the_same_code(tmp_path, stream):
     assert batch["images"].shape == (3, 3 if stream == "rgb" else 20, 16, 16)
     assert trainer.run().status == "finished"
     missing = dataclasses.replace(config, data=str(tmp_path / "nowhere"))
-    with pytest.raises(FieldlibError, match="no frame folder"):
+    with pytest.raises(FieldlibError, match=f"no {stream} frame folder"):
         Trainer(missing, tmp_path / "run2").run()
+    assert not (tmp_path / "run2").exists()  # refused before anything was written
