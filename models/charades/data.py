@@ -18,6 +18,7 @@ labelled frames at ``fps`` (one label a frame: the lowest class id active there)
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,35 +133,41 @@ class TrainingData:
         """Rows of the training videos that have labelled frames (the sync sampler's items)."""
         return np.unique(self.frames["video"])
 
+    @functools.cached_property
+    def labelled_frames(self) -> np.ndarray:
+        """Rows of ``frames`` holding each (video, frame)'s first label: the samples are in
+        (video, frame, class) order, so the lowest class id active there."""
+        v, fr = self.frames["video"], self.frames["frame"]
+        return np.flatnonzero(np.r_[True, (v[1:] != v[:-1]) | (fr[1:] != fr[:-1])])
+
     def video_batch(self, videos: np.ndarray, max_frames: int) -> dict:
         """Whole videos (their labelled frames, one label a frame, at most ``max_frames``
-        spread evenly): ``images (N*T, C, H, W)`` video-major, ``time (N, T)``, ``state (N,
-        T)`` (-1 on padding), ``mask (N, T)``, ``seq (N,)``, padded to the longest."""
-        f = self.frames
-        per = []
-        for v in videos:
-            rows = np.flatnonzero(f["video"] == v)
-            _, first = np.unique(f["frame"][rows], return_index=True)  # lowest class id
-            rows = rows[first]
-            if rows.size > max_frames:
-                rows = rows[np.linspace(0, rows.size - 1, max_frames).round().astype(np.int64)]
-            per.append(rows)
-        n, t = len(per), max(r.size for r in per)
-        time = np.zeros((n, t))
-        state = np.full((n, t), -1, dtype=np.int64)
-        mask = np.zeros((n, t), dtype=bool)
-        for i, rows in enumerate(per):
-            time[i, :rows.size] = f["time"][rows]
-            time[i, rows.size:] = f["time"][rows[-1]]
-            state[i, :rows.size] = f["state"][rows]
-            mask[i, :rows.size] = True
-        flat = np.concatenate(per)
-        images = self.images(f["video"][flat], f["time"][flat])
-        full = images.new_zeros(n * t, *images.shape[1:])
+        spread evenly as ``np.linspace``): ``images (N*T, C, H, W)`` video-major, ``time (N,
+        T)`` (padding repeats the last real time), ``state (N, T)`` (-1 on padding), ``mask
+        (N, T)``, ``seq (N,)``, padded to the longest. One program for the batch."""
+        f, first = self.frames, self.labelled_frames
+        videos = np.asarray(videos, dtype=np.int64)
+        owner = f["video"][first]
+        lo = np.searchsorted(owner, videos, "left")
+        count = np.searchsorted(owner, videos, "right") - lo
+        if (count == 0).any():
+            raise FieldlibError(f"video_batch: video row {int(videos[count == 0][0])} has no "
+                                f"labelled frame")
+        m = np.minimum(count, max_frames)
+        k = np.minimum(np.arange(int(m.max()))[None, :], (m - 1)[:, None])  # padding: last
+        step = (count - 1) / np.maximum(m - 1, 1)
+        spread = np.round(k * step[:, None]).astype(np.int64)
+        rows = first[lo[:, None] + np.where((count > max_frames)[:, None], spread, k)]
+        mask = np.arange(k.shape[1])[None, :] < m[:, None]
+        time = f["time"][rows]
+        state = np.where(mask, f["state"][rows], -1)
+        real = rows[mask]
+        images = self.images(f["video"][real], f["time"][real])
+        full = images.new_zeros(mask.size, *images.shape[1:])
         full[torch.from_numpy(mask.reshape(-1))] = images
         return {"images": full, "time": torch.from_numpy(time),
                 "state": torch.from_numpy(state), "mask": torch.from_numpy(mask),
-                "seq": torch.from_numpy(np.asarray(videos, dtype=np.int64))}
+                "seq": torch.from_numpy(videos)}
 
 
 def load_training_data(config) -> TrainingData:
