@@ -12,8 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_padding_batch import _field  # the padding tests' batched temporal field
 
-from fieldlib import FactorGraph, FieldlibError, FrameIntent, KernelTemporal, Table
+from fieldlib import FactorGraph, FieldlibError, Table
 from fieldlib.cli import main
 from fieldlib.errors import ZeroProbabilityError
 from fieldlib.inference import (
@@ -334,13 +335,6 @@ def test_max_semiring_gives_max_marginals_and_map():
 
 
 # -- batching and padding -------------------------------------------------------------------
-def _field(unary, psi, mu, lengths=None):
-    n, t, s = unary.shape
-    g = FactorGraph()
-    x = g.array("x", t, s, lengths=lengths)
-    intent = g.variable("I", psi.shape[-1])
-    g.add(Table(x, unary), FrameIntent(x, intent, psi), KernelTemporal(x, mu, kernel=1.5))
-    return g
 
 
 @settings(max_examples=8, deadline=None)

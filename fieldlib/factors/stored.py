@@ -125,11 +125,6 @@ class ComponentMap:
         return self.component.to(label.device)[label]
 
 
-def _project(q: torch.Tensor, cmap: ComponentMap, size: int) -> torch.Tensor:
-    """``(B, D)``: Q ``(B, S)`` summed onto the component values."""
-    return cmap.project(q)
-
-
 def _onehot(label: torch.Tensor, cmap: ComponentMap, size: int, like: torch.Tensor):
     """``(B, D)``: onehot of the labels' component values."""
     return torch.nn.functional.one_hot(cmap.of(label), size).to(like.dtype)
@@ -158,7 +153,7 @@ class TemporalCoupling:
 
     def send(self, q, label=None, **params) -> dict:
         """``{"K": (B, D), "K_star": (B, D)}`` (K_star zero without labels)."""
-        k = _project(q, self.component, self.size)
+        k = self.component.project(q)
         ks = k.new_zeros(k.shape) if label is None else _onehot(label, self.component,
                                                                 self.size, k)
         return {"K": k, "K_star": ks}
@@ -175,7 +170,7 @@ class TemporalCoupling:
         the label term. ``q`` and the stored sums are constants here."""
         fa, fb = incoming.kernel_messages(mu, "K")
         fas, fbs = incoming.kernel_messages(mu, "K_star")
-        k = _project(q, self.component, self.size).to(fa.dtype)
+        k = self.component.project(q).to(fa.dtype)
         ks = _onehot(label, self.component, self.size, fa)
         return (k * (fa + fb)).sum(-1) - (ks * (fas + fbs)).sum(-1)
 
@@ -202,7 +197,7 @@ class IntentCoupling:
         return {"H": ((self.intents,), False), "H_star": ((self.intents,), False)}
 
     def _own(self, q, table):
-        return torch.einsum("bd,bdi->bi", _project(q, self.component, self.size).to(table.dtype),
+        return torch.einsum("bd,bdi->bi", self.component.project(q).to(table.dtype),
                             table)
 
     def _star(self, label, table):
@@ -234,7 +229,7 @@ class IntentCoupling:
                      table) -> torch.Tensor:
         """``(B,)``: Σ_{u,I} (Q_i(u) Q_I(I) - 1[u = c(x*_i)] P(I | x*)) ψ_i(u, I); its
         gradient in ψ_i is Eq. 8's row (Q, Q_I, P(I | x*) constants)."""
-        qc = _project(q, self.component, self.size).to(table.dtype)
+        qc = self.component.project(q).to(table.dtype)
         ks = _onehot(label, self.component, self.size, table)
         w = qc[:, :, None] * latent[:, None, :] - ks[:, :, None] * target[:, None, :]
         return (w * table).sum((-1, -2))

@@ -213,9 +213,7 @@ class Trainer:
 
     def _make_store(self):
         c = self.config
-        space = self.data.space
-        d = len(space.labels.objects) * (1 if c.component == "object" else
-                                         (3 if c.uses_progress else 1))
+        d = self.layout.component(c.component)[1]  # µ's component size (O or O * P)
         options = {"capacity": c.capacity, "kernel": c.sigma, "discount": c.discount,
                    "scale": c.scale if c.scale in ("count", "frames") else float(c.scale),
                    "dtype": self.dtype, "device": self.device}
