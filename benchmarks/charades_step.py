@@ -263,6 +263,7 @@ def measure(tr, repeats: int, warmup: int) -> dict:
         sync(tr.device)
         t0 = time.perf_counter()
         tr.train_step()
+        tr.flush_messages()  # its write (held for the next read) before the next split step
         sync(tr.device)
         u = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -282,6 +283,7 @@ def measure(tr, repeats: int, warmup: int) -> dict:
                                          for s in splits)}
     space = tr.data.space
     return {"mode": tr.config.mode, "backbone": tr.config.backbone,
+            "size": tr.config.image_size or (224 if tr.config.backbone == "vgg16" else 32),
             "device": str(tr.device), "videos": len(tr.data.train),
             "states": f"{space.size} x {space.n_scenes} = {space.size * space.n_scenes:,}",
             "frames": int(med["frames"]), "split": med, "share": shares,
@@ -292,41 +294,57 @@ def measure(tr, repeats: int, warmup: int) -> dict:
 
 
 # -- frames per second, 1 vs 2 processes -----------------------------------------------------------
-def clocked(obj, names, spent: dict) -> None:
-    """Wrap methods of ``obj`` (on the instance) to add their seconds to ``spent[name]``."""
+def clocked(obj, names, spent: dict, as_name: str | None = None) -> None:
+    """Wrap methods of ``obj`` (on the instance) to add their seconds to ``spent[name]`` (or
+    all to ``spent[as_name]``); a wrapped method called inside another is not counted twice
+    (the in-memory store's ``write_read`` calls its ``write`` and ``read``)."""
+    depth = [0]
     for name in names:
         method = getattr(obj, name)
 
-        def wrapped(*a, _m=method, _n=name, **k):
+        def wrapped(*a, _m=method, _n=as_name or name, **k):
+            depth[0] += 1
             t0 = time.perf_counter()
-            out = _m(*a, **k)
-            spent[_n] += time.perf_counter() - t0
-            return out
+            try:
+                return _m(*a, **k)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    spent[_n] += time.perf_counter() - t0
 
         setattr(obj, name, wrapped)
 
 
 def _fps_rank(rank, world, port, spec, out):
+    """One process of an fps run: ``spec["scaling"]`` strong (DDP, the global batch split
+    over the processes), weak (DDP, each process a batch of its own) or independent (no
+    process group: each process a one-process run of its own, the machine's ceiling)."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    if world > 1:
+    scaling = spec["scaling"]
+    joint = world > 1 and scaling != "independent"
+    if joint:
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=300))
-    tr = make_trainer(TrainConfig(**spec["config"]), spec["root"],
-                      f"fps-{spec['config']['mode']}-{world}", rank, world)
+    config = dict(spec["config"])
+    if scaling == "weak":
+        config["batch_size"] *= world
+    name = f"fps-{config['mode']}-{scaling}-{world}" + (f"-{rank}" if not joint else "")
+    tr = make_trainer(TrainConfig(**config), spec["root"], name,
+                      rank if joint else 0, world if joint else 1)
     spent = defaultdict(float)
     clocked(tr.data, ("frame_batch",), spent)
     if tr.store is not None:
-        clocked(tr.store, ("read", "write"), spent)
+        clocked(tr.store, ("read", "write", "write_read"), spent, as_name="store")
     start = [0.0]
     tr.net.register_forward_pre_hook(lambda *_: start.__setitem__(0, time.perf_counter()))
     tr.net.register_forward_hook(lambda *_: spent.__setitem__(
         "forward", spent["forward"] + time.perf_counter() - start[0]))
     for _ in range(spec["warmup"]):
         tr.train_step()
-    if world > 1:
+    if joint:
         dist.barrier()
     steps = []
     t0 = time.perf_counter()
@@ -336,13 +354,13 @@ def _fps_rank(rank, world, port, spec, out):
         tr.train_step()
         steps.append({"step": time.perf_counter() - t1, **spent})
     total = time.perf_counter() - t0
-    torch.save({"steps": steps, "total": total, "load": load()},
-               os.path.join(out, f"rank{rank}.pt"))
-    if world > 1:
+    torch.save({"steps": steps, "total": total, "load": load(),
+                "batch": tr.global_batch}, os.path.join(out, f"rank{rank}.pt"))
+    if joint:
         dist.destroy_process_group()
 
 
-FPS_PARTS = ("frame_batch", "forward", "read", "write")
+FPS_PARTS = ("frame_batch", "forward", "store")
 
 
 def fps_run(world: int, spec: dict) -> dict:
@@ -353,17 +371,28 @@ def fps_run(world: int, spec: dict) -> dict:
         torch.multiprocessing.spawn(_fps_rank, args=(world, port, spec, out), nprocs=world)
         ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
     n = spec["steps"]
-    slow = [max(range(world), key=lambda r: ranks[r]["steps"][k]["step"]) for k in range(n)]
-    steps = [ranks[slow[k]]["steps"][k] for k in range(n)]  # the slower rank's step
-    batch = spec["config"]["batch_size"]
+    if spec["scaling"] == "independent":  # unsynchronised: each process's own median
+        rank_steps = [statistics.median(x["step"] for x in r["steps"]) for r in ranks]
+        slowest = max(range(world), key=lambda r: rank_steps[r])
+        steps = ranks[slowest]["steps"]
+        fps = sum(r["batch"] / t for r, t in zip(ranks, rank_steps))
+        fps_total = sum(r["batch"] * n / r["total"] for r in ranks)
+        per_process = ranks[0]["batch"]
+    else:
+        slow = [max(range(world), key=lambda r: ranks[r]["steps"][k]["step"])
+                for k in range(n)]
+        steps = [ranks[slow[k]]["steps"][k] for k in range(n)]  # the slower rank's step
+        batch = ranks[0]["batch"]
+        fps = batch / statistics.median(x["step"] for x in steps)
+        fps_total = batch * n / max(r["total"] for r in ranks)
+        per_process = batch // world
     step = statistics.median(x["step"] for x in steps)
     parts = {p: statistics.median(x.get(p, 0.0) for x in steps) for p in FPS_PARTS}
     parts["rest"] = statistics.median(x["step"] - sum(x.get(p, 0.0) for p in FPS_PARTS)
                                       for x in steps)
-    return {"mode": spec["config"]["mode"], "processes": world,
-            "batch_per_process": batch // world, "step": step, "parts": parts,
-            "fps": batch / step, "fps_total": batch * n / max(r["total"] for r in ranks),
-            "load": ranks[0]["load"]}
+    return {"mode": spec["config"]["mode"], "processes": world, "scaling": spec["scaling"],
+            "batch_per_process": per_process, "step": step, "parts": parts,
+            "fps": fps, "fps_total": fps_total, "load": ranks[0]["load"]}
 
 
 # -- printing ------------------------------------------------------------------------------------
@@ -380,7 +409,8 @@ def print_split(rows: list[dict]) -> None:
     for r in rows:
         s = r["split"]
         cells = [f"{ms(s.get(k, 0.0))} ({s.get(k, 0.0) / s['total']:.0%})" for k in PARTS]
-        print(f"| {r['backbone']}, {r['device']} | {r['videos']} ({r['states']}) | "
+        print(f"| {r['backbone']} {r['size']} px, {r['device']} | {r['videos']} "
+              f"({r['states']}) | "
               f"{r['mode']} | {r['frames']} | {ms(s['data'])} | " + " | ".join(cells)
               + f" | {ms(s['total'])} | {r['share']['crf_store']:.1%} | "
                 f"{r['share']['store']:.1%} | {ms(r['train_step'])} | "
@@ -401,7 +431,7 @@ def print_crf(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s = r["split"]
-        print(f"| {r['backbone']}, {r['device']} | {r['videos']} | "
+        print(f"| {r['backbone']} {r['size']} px, {r['device']} | {r['videos']} | "
               + " | ".join(ms(s["crf:" + k]) for k in CRF_PARTS)
               + f" | {ms(s['crf'])} | {ms(s['crf_backward'])} | {ms(r['layout'])} | {r['load']} |")
 
@@ -421,6 +451,12 @@ def main(argv=None) -> int:
     ap.add_argument("--fps-steps", type=int, default=30)
     ap.add_argument("--processes", default="1,2", help="comma list; empty: skip")
     ap.add_argument("--fps-modes", default="async,none")
+    ap.add_argument("--fps-scaling", default="strong,weak,independent",
+                    help="strong: the global batch split over the processes; weak: a batch "
+                         "each; independent: unconnected one-process runs (the ceiling)")
+    ap.add_argument("--small-sizes", default="32,64",
+                    help="image sizes of the small backbone (the first for every --videos "
+                         "setting, the others for the first)")
     ap.add_argument("--vgg16-device", default="auto", choices=("auto", "cuda", "cpu", "off"))
     ap.add_argument("--vgg16-size", type=int, default=224)
     ap.add_argument("--quick", action="store_true",
@@ -441,12 +477,14 @@ def main(argv=None) -> int:
           f"(sync: 3 videos x up to 25 frames)\n")
     rows, result = [], {"args": vars(args), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as root:
-        for v in videos:
-            for mode in modes:
-                config = TrainConfig(**base, videos=v, mode=mode)
-                tr = make_trainer(config, root, f"{mode}-{v}")
-                rows.append(measure(tr, args.repeats, args.warmup))
-                del tr
+        sizes = [int(x) for x in args.small_sizes.split(",") if x.strip()]
+        for k, size in enumerate(sizes):
+            for v in videos if k == 0 else videos[:1]:
+                for mode in modes:
+                    config = TrainConfig(**base, videos=v, mode=mode, image_size=size)
+                    tr = make_trainer(config, root, f"{mode}-{v}-{size}")
+                    rows.append(measure(tr, args.repeats, args.warmup))
+                    del tr
         print("Small backbone on CPU: one step split into its parts, ms (% of the step; "
               "the step is every part but data)\n")
         print_split(rows)
@@ -479,37 +517,44 @@ def main(argv=None) -> int:
         fps = []
         worlds = [int(x) for x in args.processes.split(",") if x.strip()]
         fps_modes = [m.strip() for m in args.fps_modes.split(",") if m.strip()]
+        scalings = [x.strip() for x in args.fps_scaling.split(",") if x.strip()]
         for mode in fps_modes if worlds else ():
-            spec = {"config": {**base, "videos": videos[0], "mode": mode, "num_threads": 1},
+            spec = {"config": {**base, "videos": videos[0], "mode": mode, "num_threads": 1,
+                               "image_size": sizes[0]},
                     "root": root, "warmup": args.warmup, "steps": args.fps_steps}
             for w in worlds:
-                fps.append(fps_run(w, spec))
+                for scaling in scalings if w > 1 else ["strong"]:
+                    fps.append(fps_run(w, {**spec, "scaling": scaling}))
         if fps:
-            print(f"\nFrames per second of Trainer.train_step() (small backbone, CPU, global "
-                  f"batch {args.batch}, {videos[0] or 'all'} videos, one torch thread a process, "
-                  f"gloo on 127.0.0.1; the slower rank's step, median of {args.fps_steps} steps; "
-                  f"its parts in ms, medians: rendering the frames, the network's forward, the "
-                  f"store's read and write, and the rest: CRF, backward with the gradient "
-                  f"all-reduce, optimiser, checks)\n")
-            print("| mode | processes | frames / process | step ms | data | forward | store read "
-                  "| store write | rest | frames / s | frames / s (whole run) | x of 1 process "
-                  "| load |")
+            print(f"\nFrames per second of Trainer.train_step() (small backbone at {sizes[0]} "
+                  f"px, CPU, {videos[0] or 'all'} videos, one torch thread a process, gloo on "
+                  f"127.0.0.1). strong: a global batch of {args.batch} split over the "
+                  f"processes; weak: {args.batch} frames a process; independent: unconnected "
+                  f"one-process runs side by side (no communication: what the machine allows). "
+                  f"The slower rank's step, median of {args.fps_steps} steps; its parts in ms, "
+                  f"medians: rendering the frames, the network's forward (with the "
+                  f"cross-process BatchNorm's statistics), the store's exchanges (read, write "
+                  f"or write_read), and the rest: CRF, backward with the gradient all-reduce, "
+                  f"optimiser, checks)\n")
+            print("| mode | scaling | processes | frames / process | step ms | data | forward | "
+                  "store | rest | frames / s | frames / s (whole run) | x of 1 process | load |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for f in fps:
                 one = next((g for g in fps if g["mode"] == f["mode"] and g["processes"] == 1),
                            None)
                 ratio = f"{f['fps'] / one['fps']:.2f}x" if one else "-"
                 p = f["parts"]
-                print(f"| {f['mode']} | {f['processes']} | {f['batch_per_process']} | "
+                label = "-" if f["processes"] == 1 else f["scaling"]
+                print(f"| {f['mode']} | {label} | {f['processes']} | {f['batch_per_process']} | "
                       f"{ms(f['step'])} | {ms(p['frame_batch'])} | {ms(p['forward'])} | "
-                      f"{ms(p['read'])} | {ms(p['write'])} | {ms(p['rest'])} | "
+                      f"{ms(p['store'])} | {ms(p['rest'])} | "
                       f"{f['fps']:,.0f} | {f['fps_total']:,.0f} | {ratio} | {f['load']} |")
 
     print("\nTargets:")
     for r in rows:
         if r["mode"] != "async":
             continue
-        print(f"* small backbone, CPU, {r['videos']} videos: CRF + store "
+        print(f"* small backbone at {r['size']} px, CPU, {r['videos']} videos: CRF + store "
               f"{r['share']['crf_store']:.1%} of the step (< 10%): "
               f"{verdict(r['share']['crf_store'] < 0.10)}; store read + write "
               f"{r['share']['store']:.1%} (< 10%): {verdict(r['share']['store'] < 0.10)} "
@@ -522,12 +567,13 @@ def main(argv=None) -> int:
                   f"(load {r['load']})")
     if not gpu:
         print("* VGG-16 on a GPU, CRF + store < 5%: not measured (no GPU)")
-    two = next((f for f in fps if f["processes"] == 2 and f["mode"] == "async"), None)
     one = next((f for f in fps if f["processes"] == 1 and f["mode"] == "async"), None)
-    if one and two:
-        ratio = two["fps"] / one["fps"]
-        print(f"* 2 processes {ratio:.2f}x the frames per second of 1 (>= 1.6x): "
-              f"{verdict(ratio >= 1.6)} (load {two['load']})")
+    for two in (f for f in fps if f["processes"] == 2 and f["mode"] == "async"):
+        ratio = two["fps"] / one["fps"] if one else float("nan")
+        what = ("(the ceiling, no communication)" if two["scaling"] == "independent"
+                else f"(>= 1.6x): {verdict(ratio >= 1.6)}")
+        print(f"* 2 processes, {two['scaling']} scaling: {ratio:.2f}x the frames per second "
+              f"of 1 {what} (load {two['load']})")
     print(f"\nload average at end {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         result.update(small=rows, vgg16=gpu, fps=fps,

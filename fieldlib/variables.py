@@ -23,7 +23,7 @@ import torch
 from fieldlib.errors import CardinalityError, FieldlibError, ShapeError
 
 __all__ = ["Domain", "BlockDomain", "Variable", "VariableArray", "as_domain", "as_count",
-           "integer_tensor"]
+           "integer_tensor", "run_length"]
 
 
 def as_count(value, what: str, error=CardinalityError, minimum: int = 1) -> int:
@@ -163,6 +163,9 @@ class BlockDomain(Domain):
         if len(torch.unique(t, dim=0)) != len(t):
             raise FieldlibError("block tuples must be distinct; found a repeated row")
         self.tuples = t
+        # derived index structures of factors on this domain (Component's block plans),
+        # built once per (components, configs): the domain's tuples never change
+        self.plans: dict = {}
         super().__init__(len(t), labels)
 
     def component_index(self, name: str) -> int:
@@ -192,6 +195,16 @@ class BlockDomain(Domain):
 
     def __repr__(self) -> str:
         return f"BlockDomain({list(self.components)}, states={self.size})"
+
+
+def run_length(key: torch.Tensor) -> int:
+    """The largest r dividing ``len(key)`` with ``key`` constant on each run of r consecutive
+    entries (1 when none is longer): e.g. a frame state ``b * S + s``'s object, r = S."""
+    n = key.numel()
+    if n <= 1:
+        return 1
+    edges = (key[1:] != key[:-1]).nonzero().flatten() + 1
+    return math.gcd(n, *edges.tolist()) if edges.numel() else n
 
 
 def as_domain(domain: int | Domain | Sequence) -> Domain:

@@ -220,7 +220,7 @@ def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_com
                       phi_xi=None, xi_component=None, intent_unary=None,
                       sequence_frames=None, couplings=(), iteration: int | None = None,
                       inner_iterations: int = 5, l2_intent: float = 0.0,
-                      write: bool = True) -> AsyncStep:
+                      write: bool = True, incoming=None) -> AsyncStep:
     """Algorithm 2 on B sampled frames (module docstring).
 
     Args:
@@ -252,7 +252,13 @@ def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_com
         inner_iterations: Q_i / Q_I alternations (default 5).
         l2_intent: weight of the L2 pull of φXI toward zero (MATH.md §6).
         write: write the outgoing messages after the step (False: leave the store as it is,
-            e.g. to check the step).
+            e.g. to check the step, or to send them with the next batch's read: the step's
+            ``messages`` and ``iteration`` are what :meth:`MessageStore.write` takes).
+        incoming: ``store``'s read of these frames made by the caller (an
+            :class:`~fieldlib.inference.messages.Incoming`), e.g. with the previous batch's
+            write in one :meth:`~fieldlib.inference.messages.MessageStore.write_read` (one
+            exchange of the distributed store instead of two); None: read here. Stores of
+            other couplings are read here either way.
 
     Returns an :class:`AsyncStep`.
 
@@ -281,7 +287,8 @@ def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_com
 
     _sync(device)
     t0 = time.perf_counter()
-    reads = [st.read(seq, frame, time_) for st in stores]
+    reads = [incoming if incoming is not None and st is store else st.read(seq, frame, time_)
+             for st in stores]
     incoming = [reads[k] for k in where]
     _sync(device)
     t1 = time.perf_counter()
@@ -344,5 +351,6 @@ def asynchronous_step(store, seq, frame, time_, unary, label, *, mu=None, mu_com
 def _finite(unary: torch.Tensor) -> torch.Tensor:
     """φX with -inf entries set to 0: there Q_i = 0 and the label never sits (the gradient
     of those entries is Q_i - 1[x*] = 0, and 0 · (-inf) would be NaN)."""
-    return torch.where(torch.isfinite(unary), unary, torch.zeros((), dtype=unary.dtype,
-                                                                 device=unary.device))
+    # where's backward is one masked pass (nan_to_num's takes four); NaN and +inf cannot
+    # reach here, so x > -inf is isfinite
+    return torch.where(unary > float("-inf"), unary, 0.0)

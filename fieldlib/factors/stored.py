@@ -29,13 +29,13 @@ times, its latent variable). ``KernelTemporal`` gives a :class:`TemporalCoupling
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from fieldlib.errors import FieldlibError
+from fieldlib.variables import run_length
 
 __all__ = ["ComponentMap", "StoredCoupling", "StoredInputs", "TemporalCoupling", "IntentCoupling",
            "stored_coupling", "supports_stored_messages", "check_finite_table"]
@@ -97,14 +97,8 @@ class ComponentMap:
     def __init__(self, component: torch.Tensor, size: int):
         self.component, self.size = component.long(), int(size)
         c = self.component
-        n = c.numel()
-        if n > 1:
-            edges = (c[1:] != c[:-1]).nonzero().flatten() + 1
-            r = math.gcd(n, *edges.tolist()) if edges.numel() else n
-        else:
-            r = 1
-        self.run = r
-        self.blocks = c[::r] if r > 1 else c
+        r = self.run = run_length(c)
+        self.blocks = c[::r].contiguous() if r > 1 else c
 
     def project(self, q: torch.Tensor) -> torch.Tensor:
         """``(B, D)``: Q ``(B, S)`` summed onto the component values."""
@@ -197,8 +191,8 @@ class IntentCoupling:
         return {"H": ((self.intents,), False), "H_star": ((self.intents,), False)}
 
     def _own(self, q, table):
-        return torch.einsum("bd,bdi->bi", self.component.project(q).to(table.dtype),
-                            table)
+        # bmm: torch.einsum's parsing costs more than the product at these sizes
+        return torch.bmm(self.component.project(q).to(table.dtype)[:, None, :], table)[:, 0]
 
     def _star(self, label, table):
         return table[torch.arange(label.shape[0], device=label.device),
@@ -222,7 +216,7 @@ class IntentCoupling:
 
     def frame_message(self, incoming, latent=None, *, table) -> torch.Tensor:
         """``(B, S)``: Σ_I Q_I(I) ψ_i(c(x), I) on the frame's states."""
-        m = torch.einsum("bdi,bi->bd", table, latent.to(table.dtype))
+        m = torch.bmm(table, latent.to(table.dtype)[:, :, None])[..., 0]
         return self.component.expand(m)
 
     def frame_energy(self, q, label, incoming, latent=None, target=None, *,

@@ -10,9 +10,9 @@ forward values, the gradients and the running statistics are those of one BatchN
 
 One training forward + backward of a layer is two collectives, whatever the batch:
 
-* forward: each process's (count, mean, variance) per channel (one ``all_gather`` of
-  ``1 + 2C`` numbers), combined as Chan et al.'s parallel variance (no Σx² cancellation);
-  then torch's fused ``batch_norm`` with those statistics;
+* forward: each process's (count, mean, variance) per channel, two passes (one
+  ``all_gather`` of ``1 + 2C`` numbers), combined as Chan et al.'s parallel variance (no
+  Σx² cancellation); then torch's fused ``batch_norm`` with those statistics;
 * backward: Σ dy and Σ dy·x̂ per channel (torch's fused ``native_batch_norm_backward``) summed
   over the processes (one ``all_reduce`` of 2C numbers); then
   ``dx = γ σ⁻¹ (dy - Σdy / N - x̂ Σ(dy·x̂) / N)`` in two fused passes. γ's and β's gradients
@@ -46,8 +46,12 @@ def cross_process_moments(x: torch.Tensor, group=None) -> tuple[torch.Tensor, ..
     A process with an empty batch contributes nothing."""
     c = x.shape[1]
     count = x.numel() // c if c else 0
-    if count:
-        var, mean = torch.var_mean(x.detach(), dim=_channel_dims(x), correction=0)
+    if count:  # two passes (mean, then squared deviations): stable, and several times
+        # faster on CPU than torch.var_mean over the non-channel axes
+        dims = _channel_dims(x)
+        mean = x.detach().mean(dims, keepdim=True)
+        var = (x.detach() - mean).square_().mean(dims)
+        mean = mean.reshape(c)
     else:
         var = mean = x.new_zeros(c)
     mine = torch.cat([mean.new_tensor([float(count)]), mean, var])

@@ -39,6 +39,7 @@ import torch
 
 from fieldlib.errors import FieldlibError, ShapeError
 from fieldlib.factors import Component, FrameIntent, KernelTemporal
+from fieldlib.factors.component import block_table_sum
 from fieldlib.graph import FactorGraph
 from fieldlib.variables import BlockDomain, Variable, VariableArray, integer_tensor
 
@@ -481,10 +482,8 @@ def frame_inputs(heads, state_space: StateSpace | FrameLayout, *, component: str
     component_column(component)
     h = _heads(heads, layout, ("B",), component, use_intent, n_intents)
     frame = Variable("x", layout.domain)
-    tables = [f.block_table() for f in _frame_factors(frame, h, layout)]
-    unary = tables[0]
-    for table in tables[1:]:
-        unary = unary + table
+    # Σ of the tables, each gathered once per row of B where it does not depend on the scene
+    unary = block_table_sum(_frame_factors(frame, h, layout))
     state_map = layout.component(component)[0].to(unary.device)
     out = {"unary": unary, "mu_component": state_map, "phi_xi": h["phi_xi"],
            "xi_component": state_map if use_intent else None}

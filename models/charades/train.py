@@ -36,6 +36,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +136,14 @@ class Trainer:
             convert_batchnorm(self.net)
             # the cross-process BatchNorm keeps every rank's running statistics equal: no
             # buffer broadcast a forward
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+            with warnings.catch_warnings():  # broadcast_buffers=False is meant: its
+                # replacement (forward_sync_buffers) would still sync buffers at set-up
+                warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated",
+                                        FutureWarning)
+                self.model = torch.nn.parallel.DistributedDataParallel(
+                    self.net,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False)
         else:
             self.model = self.net
         heads = self.net.head_parameters()
@@ -249,13 +255,33 @@ class Trainer:
                               use_intent=c.uses_intent)
         if not c.uses_intent:
             inputs.pop("phi_xi"), inputs.pop("xi_component")
-        step = asynchronous_step(self.store, batch["seq"].to(self.device),
-                                 batch["frame"].to(self.device), batch["time"].to(self.device),
-                                 label=state, iteration=self.batches,
-                                 inner_iterations=c.inner_iterations,
-                                 l2_intent=c.l2_intent if c.uses_intent else 0.0, **inputs)
+        seq, frame, time_ = (batch[k].to(self.device) for k in ("seq", "frame", "time"))
+        step = asynchronous_step(self.store, seq, frame, time_, label=state,
+                                 iteration=self.batches, inner_iterations=c.inner_iterations,
+                                 l2_intent=c.l2_intent if c.uses_intent else 0.0,
+                                 incoming=self._read_messages(seq, frame, time_), write=False,
+                                 **inputs)
+        # the batch's outgoing messages travel with the next batch's read (one exchange)
+        self._pending = (seq, frame, time_, step.messages, step.iteration)
         q = step.q.gather(1, state[:, None]).clamp_min(torch.finfo(step.q.dtype).tiny)
         return step.loss, -q.log().sum(), state.numel()
+
+    def _read_messages(self, seq, frame, time_):
+        """The store's read of a batch, with the previous batch's write held back by
+        :meth:`_frames_loss` (``write_read``: 3 collectives in the distributed store instead
+        of 5; the same messages as a write then a read)."""
+        if self._pending is None:
+            return self.store.read(seq, frame, time_)
+        pending, self._pending = self._pending, None
+        return self.store.write_read(pending, (seq, frame, time_))
+
+    def flush_messages(self) -> None:
+        """Write the last batch's outgoing messages, which a step holds to send with the next
+        batch's read. A checkpoint (:meth:`state_dict`) does it; call it (on every process)
+        before reading ``trainer.store`` between steps."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.store.write(*pending)
 
     def _videos_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """sync: (loss, Σ -log Q_t(x*_t) over the real frames, real frames)."""
@@ -308,12 +334,17 @@ class Trainer:
         bad = [h for h, v in norms.items() if not math.isfinite(v)]
         if bad:
             self._fail(f"the gradient of {bad[0]} is {norms[bad[0]]}", head=bad[0])
+        # the metrics and the stop flag of every process in one all-reduce, under way while
+        # the optimiser steps
+        stop = float(self.stop_signal is not None)
+        totals = torch.tensor([loss_sum, nll_sum, float(frames), stop], dtype=torch.float64)
+        work = dist.all_reduce(totals, async_op=True) if self.world > 1 else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        totals = torch.tensor([loss_sum, nll_sum, float(frames)], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(totals)
+        if work is not None:
+            work.wait()
+        self._stop_agreed = bool(totals[3] > 0)
         self.step += 1
         self.frames += int(totals[2])
         self.seconds += time.perf_counter() - start
@@ -350,6 +381,10 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resumed run needs (collective with several processes: it writes the
+        held messages, :meth:`flush_messages`)."""
+        if self.store is not None:
+            self.flush_messages()
         return {"version": VERSION, "config": self.config.to_dict(), "step": self.step,
                 "frames": self.frames, "batches": self.batches, "seconds": self.seconds,
                 "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -411,6 +446,8 @@ class Trainer:
 
     _metrics_lines = 0
     _last_save = 0.0
+    _pending = None  # the last batch's outgoing messages, not yet written (_frames_loss)
+    _stop_agreed = False
 
     # -- the loop ---------------------------------------------------------------------------
     def _log(self, line: dict) -> None:
@@ -442,10 +479,11 @@ class Trainer:
         self.stop_signal = signum
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1 if self.stop_signal is not None else 0])
-        if self.world > 1:
-            dist.all_reduce(flag)
-        return bool(flag.item())
+        """Whether any process was signalled: as the last step's all-reduce saw it (all
+        processes agree; a signal after it is seen a step later)."""
+        if self.world == 1:
+            return self.stop_signal is not None
+        return self._stop_agreed
 
     def run(self, *, progress: bool | None = None, stop_after: int | None = None) -> TrainResult:
         """Train to ``config.steps`` (or ``stop_after`` more steps: then checkpoint and stop,

@@ -75,6 +75,33 @@ def _run(tmp_path, name, config, stop_after=None):
     return trainer, trainer.run(stop_after=stop_after)
 
 
+def test_held_messages_travel_with_the_next_read_and_change_nothing(tmp_path):
+    """A batch's outgoing messages are written with the next batch's read (write_read); the
+    store then holds what a write after each step gives, and losses are the same."""
+    config = tiny(steps=4, dropout=0.0)  # the two runs share the global RNG: no dropout
+    held = Trainer(config, tmp_path / "held")
+    plain = Trainer(config, tmp_path / "plain")
+
+    def write_then_read(seq, frame, time_):
+        plain.flush_messages()
+        return plain.store.read(seq, frame, time_)
+
+    plain._read_messages = write_then_read
+    for _ in range(3):
+        a, b = held.train_step(), plain.train_step()
+        assert a["loss"] == b["loss"] and a["nll"] == b["nll"]
+    assert held.store.iteration == held.batches - 2  # the last batch's messages are held
+    held.flush_messages()
+    plain.flush_messages()
+    assert held.store.iteration == held.batches - 1
+    sa, sb = held.store.state_dict(), plain.store.state_dict()
+    for k in sa:
+        assert (torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor)
+                else sa[k] == sb[k]), k
+    held.flush_messages()  # nothing held: no second write
+    assert held.store.iteration == held.batches - 1
+
+
 @pytest.mark.parametrize("mode", ["async", "sync", "none"])
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, mode):
     config = tiny(mode=mode, steps=5, lr_milestones=[3], accumulate=2 if mode == "async" else 1)
