@@ -1,8 +1,9 @@
 """Charades training step benchmark (issue 11 §5; issue 10 §4's training targets).
 
     .venv/bin/python benchmarks/charades_step.py [--videos 64,all] [--modes async,none,sync]
-        [--repeats 20] [--warmup 3] [--threads 1] [--fps-steps 30] [--processes 1,2]
-        [--fps-modes async,none]
+        [--small-sizes 32,64] [--repeats 20] [--warmup 3] [--threads 1] [--batch 32]
+        [--fps-steps 30] [--processes 1,2] [--fps-modes async,none]
+        [--fps-scaling strong,weak,independent]
         [--vgg16-device auto] [--vgg16-size 224] [--quick] [--json OUT]
 
 One training step of the Charades model (``models/charades/train.py``) on the synthetic
@@ -28,10 +29,16 @@ the small backbone, float32, on CPU with ``--threads`` torch threads:
 2. The same for VGG-16 at ``--vgg16-size`` px, batch 32, on the GPU when
    ``torch.cuda.is_available()`` (``--vgg16-device cpu`` runs it on the CPU, e.g. at 32 px
    to check the code path); otherwise one line says that no GPU was there.
-3. Frames per second of ``Trainer.train_step()`` (async, global batch 32, the first
-   ``--videos`` setting) with 1 process and with 2 processes over gloo on 127.0.0.1 (spawned,
-   DDP, cross-process BatchNorm, DistributedMessageStore), each process with one torch
-   thread; the slower rank's step time, median over ``--fps-steps`` steps.
+3. Frames per second of ``Trainer.train_step()`` (the first ``--videos`` and
+   ``--small-sizes`` settings) with 1 process and with 2 processes over gloo on 127.0.0.1
+   (spawned, DDP, cross-process BatchNorm, DistributedMessageStore), each process with one
+   torch thread; the slower rank's step time, median over ``--fps-steps`` steps. Scalings:
+   strong (a global batch of ``--batch`` frames split over the processes), weak (``--batch``
+   frames a process, as DDP is usually grown) and independent (unconnected one-process runs
+   side by side: no communication at all, what the machine itself allows).
+
+The small backbone is measured at each of ``--small-sizes`` (issue 11: "a few conv layers on
+32-64 pixel inputs"; the tests and the demo use 32 px).
 
 Targets (issue 11 §5, issue 10 §4): CRF + store under 10% of the step with the small backbone
 on CPU, under 5% with VGG-16 on a GPU; store read + write under 10% of the step; 2 processes
