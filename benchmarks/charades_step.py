@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/charades_step.py [--videos 64,all] [--modes async,none,sync]
         [--small-sizes 32,64] [--repeats 20] [--warmup 3] [--threads 1] [--batch 32]
         [--fps-steps 30] [--processes 1,2] [--fps-modes async,none]
-        [--fps-scaling strong,weak,independent]
+        [--fps-scaling strong,weak,independent] [--fps-norms batch,group]
+        [--fps-stores sharded,replicated]
         [--vgg16-device auto] [--vgg16-size 224] [--quick] [--json OUT]
 
 One training step of the Charades model (``models/charades/train.py``) on the synthetic
@@ -35,7 +36,14 @@ the small backbone, float32, on CPU with ``--threads`` torch threads:
    torch thread; the slower rank's step time, median over ``--fps-steps`` steps. Scalings:
    strong (a global batch of ``--batch`` frames split over the processes), weak (``--batch``
    frames a process, as DDP is usually grown) and independent (unconnected one-process runs
-   side by side: no communication at all, what the machine itself allows).
+   side by side: no communication at all, what the machine itself allows). ``--fps-norms``:
+   the small backbone's normalisation (``TrainConfig.backbone_norm``): batch (the default;
+   across processes its statistics span every process's frames, two collectives a layer)
+   or group (GroupNorm, per frame, as VGG-16 which has no normalisation: the network's
+   forward makes no collective). ``--fps-stores``: the message store's placement with 2
+   processes (``TrainConfig.store``): sharded (``DistributedMessageStore``: 3 collectives a
+   step) or replicated (``ReplicatedMessageStore``: one all_gather a step, posted before the
+   backward; reads local).
 
 The small backbone is measured at each of ``--small-sizes`` (issue 11: "a few conv layers on
 32-64 pixel inputs"; the tests and the demo use 32 px).
@@ -51,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import socket
@@ -461,6 +470,14 @@ def main(argv=None) -> int:
     ap.add_argument("--fps-scaling", default="strong,weak,independent",
                     help="strong: the global batch split over the processes; weak: a batch "
                          "each; independent: unconnected one-process runs (the ceiling)")
+    ap.add_argument("--fps-norms", default="batch,group",
+                    help="comma list of the small backbone's normalisation for the frames-per-"
+                         "second runs: batch (cross-process BatchNorm), group (GroupNorm, per "
+                         "frame: no collectives in the forward)")
+    ap.add_argument("--fps-stores", default="replicated,sharded",
+                    help="comma list of the message store's placement for the 2-process runs: "
+                         "sharded (DistributedMessageStore), replicated "
+                         "(ReplicatedMessageStore)")
     ap.add_argument("--small-sizes", default="32,64",
                     help="image sizes of the small backbone (the first for every --videos "
                          "setting, the others for the first)")
@@ -525,13 +542,22 @@ def main(argv=None) -> int:
         worlds = [int(x) for x in args.processes.split(",") if x.strip()]
         fps_modes = [m.strip() for m in args.fps_modes.split(",") if m.strip()]
         scalings = [x.strip() for x in args.fps_scaling.split(",") if x.strip()]
-        for mode in fps_modes if worlds else ():
+        norms = [x.strip() for x in args.fps_norms.split(",") if x.strip()]
+        stores = [x.strip() for x in args.fps_stores.split(",") if x.strip()]
+        for mode, norm in itertools.product(fps_modes if worlds else (), norms):
             spec = {"config": {**base, "videos": videos[0], "mode": mode, "num_threads": 1,
-                               "image_size": sizes[0]},
+                               "image_size": sizes[0], "backbone_norm": norm},
                     "root": root, "warmup": args.warmup, "steps": args.fps_steps}
-            for w in worlds:
-                for scaling in scalings if w > 1 else ["strong"]:
-                    fps.append(fps_run(w, {**spec, "scaling": scaling}))
+            fps.append({**fps_run(1, {**spec, "scaling": "strong"}), "norm": norm,
+                        "store": "-"})
+            for w, scaling, store in itertools.product([w for w in worlds if w > 1],
+                                                       scalings, stores):
+                if scaling == "independent" and store != stores[0]:
+                    continue  # no process group: the store's placement does not apply
+                run = {**spec, "config": {**spec["config"], "store": store},
+                       "scaling": scaling}
+                fps.append({**fps_run(w, run), "norm": norm,
+                            "store": "-" if scaling == "independent" else store})
         if fps:
             print(f"\nFrames per second of Trainer.train_step() (small backbone at {sizes[0]} "
                   f"px, CPU, {videos[0] or 'all'} videos, one torch thread a process, gloo on "
@@ -543,16 +569,18 @@ def main(argv=None) -> int:
                   f"cross-process BatchNorm's statistics), the store's exchanges (read, write "
                   f"or write_read), and the rest: CRF, backward with the gradient all-reduce, "
                   f"optimiser, checks)\n")
-            print("| mode | scaling | processes | frames / process | step ms | data | forward | "
-                  "store | rest | frames / s | frames / s (whole run) | x of 1 process | load |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            print("| mode | backbone norm | store | scaling | processes | frames / process | "
+                  "step ms | data | forward | store | rest | frames / s | "
+                  "frames / s (whole run) | x of 1 process | load |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for f in fps:
-                one = next((g for g in fps if g["mode"] == f["mode"] and g["processes"] == 1),
-                           None)
+                one = next((g for g in fps if g["mode"] == f["mode"] and g["processes"] == 1
+                            and g["norm"] == f["norm"]), None)
                 ratio = f"{f['fps'] / one['fps']:.2f}x" if one else "-"
                 p = f["parts"]
                 label = "-" if f["processes"] == 1 else f["scaling"]
-                print(f"| {f['mode']} | {label} | {f['processes']} | {f['batch_per_process']} | "
+                print(f"| {f['mode']} | {f['norm']} | {f['store']} | {label} | "
+                      f"{f['processes']} | {f['batch_per_process']} | "
                       f"{ms(f['step'])} | {ms(p['frame_batch'])} | {ms(p['forward'])} | "
                       f"{ms(p['store'])} | {ms(p['rest'])} | "
                       f"{f['fps']:,.0f} | {f['fps_total']:,.0f} | {ratio} | {f['load']} |")
@@ -574,13 +602,15 @@ def main(argv=None) -> int:
                   f"(load {r['load']})")
     if not gpu:
         print("* VGG-16 on a GPU, CRF + store < 5%: not measured (no GPU)")
-    one = next((f for f in fps if f["processes"] == 1 and f["mode"] == "async"), None)
     for two in (f for f in fps if f["processes"] == 2 and f["mode"] == "async"):
+        one = next((f for f in fps if f["processes"] == 1 and f["mode"] == "async"
+                    and f["norm"] == two["norm"]), None)
         ratio = two["fps"] / one["fps"] if one else float("nan")
         what = ("(the ceiling, no communication)" if two["scaling"] == "independent"
                 else f"(>= 1.6x): {verdict(ratio >= 1.6)}")
-        print(f"* 2 processes, {two['scaling']} scaling: {ratio:.2f}x the frames per second "
-              f"of 1 {what} (load {two['load']})")
+        store = "" if two["store"] == "-" else f"{two['store']} store, "
+        print(f"* 2 processes, {two['norm']} norm, {store}{two['scaling']} scaling: "
+              f"{ratio:.2f}x the frames per second of 1 {what} (load {two['load']})")
     print(f"\nload average at end {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         result.update(small=rows, vgg16=gpu, fps=fps,

@@ -27,6 +27,7 @@ from .losses import closed_form_gradients, exact_nll, meanfield_loss
 from .meanfield import InfeasibleWarning, MeanField, MeanFieldWarning, NotConvergedWarning
 from .messages import Incoming, MessageStore, MessageStoreError, merge_state_dicts
 from .messages_distributed import DistributedMessageStore
+from .messages_replicated import ReplicatedMessageStore
 
 __all__ = [
     "Engine",
@@ -56,6 +57,7 @@ __all__ = [
     "closed_form_gradients",
     "MessageStore",
     "DistributedMessageStore",
+    "ReplicatedMessageStore",
     "Incoming",
     "MessageStoreError",
     "merge_state_dicts",

@@ -87,34 +87,15 @@ def _finite_kernel(kernel) -> bool:
                                                  for k in kernel.kernels)
 
 
-class DistributedMessageStore:
-    """:class:`~fieldlib.inference.messages.MessageStore` over the ranks of a process group.
-
-    Args:
-        fields, temporal, capacity, kernel, discount, scale, normalize, strict, dtype,
-            device: as for ``MessageStore`` (the same on every rank). ``device`` must be a
-            CUDA device with nccl (each rank its own), may be anything gloo accepts (CPU).
-            ``scale="frames"`` gives the in-memory store's h (the distinct other frames per
-            row and set): a sequence's messages all live on its owner, which counts them.
-        group: the process group (default: the default group, which must be initialised
-            with ``torch.distributed.init_process_group``).
-
-    Every method that exchanges (``write``, ``read``, ``write_read``, ``add_sequences``) is
-    collective: every rank of the group calls it, in the same order, each with its own rows
-    (possibly none).
-    ``read`` and ``write`` take and return what ``MessageStore`` does for the rank's own rows
-    (``return_weights`` is not available here). :attr:`collective_calls` counts the
-    collectives made so far. :attr:`iteration` is the largest iteration written by any rank.
-
-    Raises:
-        MessageStoreError: torch.distributed not initialised; nccl with a non-CUDA device;
-        and whatever ``MessageStore`` raises, on every rank together.
-    """
+class _ExchangingStore:
+    """What the stores over a process group share: the group, the in-memory store
+    :attr:`local` that holds this rank's messages, its settings read through, the global
+    :attr:`iteration`, and the checks every rank decides alike from the gathered headers."""
 
     def __init__(self, fields: Mapping, *, group=None, **options):
         if not dist.is_available() or not dist.is_initialized():
-            raise MessageStoreError("DistributedMessageStore needs torch.distributed "
-                                    "initialised (init_process_group, or torchrun)")
+            raise MessageStoreError(f"{type(self).__name__} needs torch.distributed "
+                                    f"initialised (init_process_group, or torchrun)")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -151,6 +132,59 @@ class DistributedMessageStore:
     def iteration(self) -> int:
         """The largest iteration written by any rank (-1 before any write)."""
         return self._iteration
+
+    def _row_spec(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        """The layout of a written row: key, frame, iteration, time, every field."""
+        return [(torch.int64, ()), (torch.int64, ()), (torch.int64, ()), (torch.float64, ()),
+                *((self.dtype, (math.prod(self.fields[f]),)) for f in self.fields)]
+
+    def _refused(self, table: torch.Tensor, error: Exception | None, what: str) -> None:
+        bad = table[:, 0].nonzero().flatten().tolist()
+        if bad:
+            if error is not None:
+                raise error
+            raise MessageStoreError(f"{what}: rank(s) {bad} refused their rows (see the error "
+                                    f"raised there); nothing was exchanged")
+
+    def _check_iterations(self, table, keys, frames, its) -> None:
+        """Iterations never go back, over all ranks (decided alike on every rank):
+        ``table[:, 1]`` / ``table[:, 2]`` are each rank's oldest / newest iteration."""
+        if int(table[:, 1].min()) < self._iteration:
+            late = (table[:, 1] < self._iteration).nonzero().flatten().tolist()
+            if self.rank in late:
+                i = int((its < self._iteration).nonzero()[0, 0])
+                raise InvalidMessageError(
+                    f"write: {self.local._where(keys, frames, i)}: iteration {int(its[i])} is "
+                    f"older than iteration {self._iteration} already written; iterations "
+                    f"never go back")
+            raise InvalidMessageError(f"write: rank(s) {late} wrote an iteration older than "
+                                      f"{self._iteration}; nothing was stored")
+        self._iteration = max(self._iteration, int(table[:, 2].max()))
+
+
+class DistributedMessageStore(_ExchangingStore):
+    """:class:`~fieldlib.inference.messages.MessageStore` over the ranks of a process group.
+
+    Args:
+        fields, temporal, capacity, kernel, discount, scale, normalize, strict, dtype,
+            device: as for ``MessageStore`` (the same on every rank). ``device`` must be a
+            CUDA device with nccl (each rank its own), may be anything gloo accepts (CPU).
+            ``scale="frames"`` gives the in-memory store's h (the distinct other frames per
+            row and set): a sequence's messages all live on its owner, which counts them.
+        group: the process group (default: the default group, which must be initialised
+            with ``torch.distributed.init_process_group``).
+
+    Every method that exchanges (``write``, ``read``, ``write_read``, ``add_sequences``) is
+    collective: every rank of the group calls it, in the same order, each with its own rows
+    (possibly none).
+    ``read`` and ``write`` take and return what ``MessageStore`` does for the rank's own rows
+    (``return_weights`` is not available here). :attr:`collective_calls` counts the
+    collectives made so far. :attr:`iteration` is the largest iteration written by any rank.
+
+    Raises:
+        MessageStoreError: torch.distributed not initialised; nccl with a non-CUDA device;
+        and whatever ``MessageStore`` raises, on every rank together.
+    """
 
     def __len__(self) -> int:
         """Number of sequences this rank owns."""
@@ -200,14 +234,6 @@ class DistributedMessageStore:
         send = torch.bincount(owners, minlength=self.world).tolist()
         return perm, send
 
-    def _refused(self, table: torch.Tensor, error: Exception | None, what: str) -> None:
-        bad = table[:, 0].nonzero().flatten().tolist()
-        if bad:
-            if error is not None:
-                raise error
-            raise MessageStoreError(f"{what}: rank(s) {bad} refused their rows (see the error "
-                                    f"raised there); nothing was exchanged")
-
     def _run(self, write, read, kernel, what: str) -> Incoming | None:
         """Writes (``write``: the arguments of :meth:`write`, or None), then reads (``read``:
         ``(seq, frame, time)`` or None), for every rank at once: a header all_gather, one
@@ -239,8 +265,7 @@ class DistributedMessageStore:
         wrecv = table[:, 3 + self.rank].tolist()
         rrecv = table[:, 3 + n + self.rank].tolist()
         fields = list(self.fields)
-        wspec = [(torch.int64, ()), (torch.int64, ()), (torch.int64, ()), (torch.float64, ()),
-                 *((self.dtype, (math.prod(self.fields[f]),)) for f in fields)]
+        wspec = self._row_spec()
         rspec = [(torch.int64, ()), (torch.int64, ()), (torch.float64, ())]
         wrows = (_pack([wk, wf, wi, wt, *(values[f] for f in fields)], wk.numel())[wperm]
                  if write is not None else _pack_empty(wspec, self.device))
@@ -253,20 +278,6 @@ class DistributedMessageStore:
         if read is None:
             return None
         return self._answer(got_r, rspec, rperm, rsend, rrecv, rk, rf, kern)
-
-    def _check_iterations(self, table, keys, frames, its) -> None:
-        """Iterations never go back, over all ranks (decided alike on every rank)."""
-        if int(table[:, 1].min()) < self._iteration:
-            late = (table[:, 1] < self._iteration).nonzero().flatten().tolist()
-            if self.rank in late:
-                i = int((its < self._iteration).nonzero()[0, 0])
-                raise InvalidMessageError(
-                    f"write: {self.local._where(keys, frames, i)}: iteration {int(its[i])} is "
-                    f"older than iteration {self._iteration} already written; iterations "
-                    f"never go back")
-            raise InvalidMessageError(f"write: rank(s) {late} wrote an iteration older than "
-                                      f"{self._iteration}; nothing was stored")
-        self._iteration = max(self._iteration, int(table[:, 2].max()))
 
     def _answer(self, query, rspec, perm, send, recv, keys, frames, kern) -> Incoming:
         """Answer the queries this rank owns; send the answers back; unsort."""

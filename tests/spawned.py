@@ -3,8 +3,11 @@ rank saved: the harness the two-process tests share."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import time
+import traceback
 
 import pytest
 import torch
@@ -15,6 +18,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def reporting(rank: int, out_dir):
+    """A worker's body: yields the dict it fills, then saves it to ``out_dir/rank{r}.pt``,
+    with the traceback as "failure" when the body raised (the parent reports it)."""
+    result: dict = {}
+    try:
+        yield result
+    except Exception:  # noqa: BLE001 - reported by run_ranks
+        result["failure"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def run_ranks(worker, out_dir, world: int, what: str, timeout: float = 120.0) -> list[dict]:

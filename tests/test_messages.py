@@ -2,8 +2,8 @@
 
 Eq. 10 by hand, against a plain-Python reference store and against the kernel sums of
 KernelTemporal; eviction, recency, self-exclusion, checkpoints, every bad input; the same
-tests on a one-rank DistributedMessageStore, and two processes (spawned, gloo on 127.0.0.1)
-giving exactly what one process gives.
+tests on a one-rank DistributedMessageStore and ReplicatedMessageStore, and two processes
+(spawned, gloo on 127.0.0.1) giving exactly what one process gives, with either store.
 """
 
 from __future__ import annotations
@@ -17,10 +17,15 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from spawned import run_ranks
+from spawned import reporting, run_ranks
 
 from fieldlib.factors import FixedBeliefs, KernelTemporal
-from fieldlib.inference import DistributedMessageStore, MessageStore, merge_state_dicts
+from fieldlib.inference import (
+    DistributedMessageStore,
+    MessageStore,
+    ReplicatedMessageStore,
+    merge_state_dicts,
+)
 from fieldlib.inference.messages import (
     InvalidMessageError,
     MessageShapeError,
@@ -46,13 +51,14 @@ def one_rank_group():
         yield
 
 
-@pytest.fixture(params=["memory", "distributed"])
+@pytest.fixture(params=["memory", "distributed", "replicated"])
 def make_store(request):
-    """The store classes under the same tests (distributed: one rank, gloo)."""
+    """The store classes under the same tests (distributed, replicated: one rank, gloo)."""
     if request.param == "memory":
         return MessageStore
     request.getfixturevalue("one_rank_group")
-    return DistributedMessageStore
+    return {"distributed": DistributedMessageStore,
+            "replicated": ReplicatedMessageStore}[request.param]
 
 
 # -- the reference: Eq. 10 written out with Python lists and floats -----------------------------
@@ -324,7 +330,7 @@ def test_eviction_order_and_batches_beyond_capacity(make_store):
     store.write([5, 5], [0, 1], [0.0, 1.0], val([0, 1]), 0)
     store.write([5, 6, 5, 5, 5], [2, 0, 3, 4, 5], [2.0, 0, 3, 4, 5], val([2, 60, 3, 4, 5]),
                 [1, 1, 2, 1, 3])  # rows ordered by iteration, then row: 2, 4, 3, 5
-    local = store.local if isinstance(store, DistributedMessageStore) else store
+    local = getattr(store, "local", store)
     kept = local.messages(5)
     assert kept["frame"].tolist() == [5, 3, 4]  # newest first; 0, 1, 2 evicted (oldest)
     assert kept["iteration"].tolist() == [3, 2, 1]
@@ -453,7 +459,7 @@ def test_bad_inputs_are_clear_errors(make_store):
     with pytest.raises(MessageShapeError, match="a batch"):
         store.read("v1", [0], [0.0])
     assert store.iteration == 2  # nothing after the good write was stored
-    kept = (store.local if isinstance(store, DistributedMessageStore) else store).messages("v1")
+    kept = getattr(store, "local", store).messages("v1")
     assert kept["frame"].tolist() == [3, 0]
 
 
@@ -536,6 +542,18 @@ def _flat(inc):
             "known": inc.known}
 
 
+def _nan_on_rank_1(store, rank) -> str:
+    """A write whose row holds NaN on rank 1: the error each rank raises (or "")."""
+    bad = {"K": torch.ones(1, 3, dtype=F64), "H": torch.zeros(1, 2, dtype=F64)}
+    if rank == 1:
+        bad["H"][0, 0] = float("nan")
+    try:
+        store.write([3], [0], [0.0], bad, 100)
+    except MessageStoreError as exc:
+        return type(exc).__name__ + ": " + str(exc)
+    return ""
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -577,14 +595,7 @@ def _worker(rank, port, out_dir):
             for a, b in zip(reshard.local.messages(seq).values(),
                             store.local.messages(seq).values()))
         # errors are raised on every rank together, nothing stored, no hang
-        errors = []
-        bad = {"K": torch.ones(1, 3, dtype=F64), "H": torch.zeros(1, 2, dtype=F64)}
-        if rank == 1:
-            bad["H"][0, 0] = float("nan")
-        try:
-            store.write([3], [0], [0.0], bad, 100)
-        except MessageStoreError as exc:
-            errors.append(type(exc).__name__ + ": " + str(exc))
+        errors = [_nan_on_rank_1(store, rank)]
         strict = DistributedMessageStore(FIELDS, strict=True, **OPTIONS)
         strict.load_state_dict(result["state"])
         try:
@@ -594,19 +605,21 @@ def _worker(rank, port, out_dir):
             errors.append(type(exc).__name__ + ": " + str(exc))
         result["errors"] = errors
         # a resumed shard continues as the original
-        resumed = DistributedMessageStore(FIELDS, **OPTIONS)
-        resumed.load_state_dict(result["state"])
-        (seqs, frames, times, msgs, its), query = schedule(8, rank)
-        for s in (store, resumed):
-            s.write(seqs, frames, times, msgs, its)
-        result["resumed_equal"] = all(
-            torch.equal(a, b) for a, b in zip(_flat(store.read(*query)).values(),
-                                              _flat(resumed.read(*query)).values()))
+        result["resumed_equal"] = _continues_alike(store, DistributedMessageStore,
+                                                   result["state"], *schedule(8, rank))
         dist.barrier()
         dist.destroy_process_group()
     except Exception:  # pragma: no cover - reported by the parent
         result["failure"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _assert_rank_rows(got, want, sizes, r, step) -> None:
+    """Rank r's read (rows ``sizes[r]``) is its part of one store's read, bit for bit."""
+    lo = sum(sizes[:r])
+    for key, value in want.items():
+        part = value[..., lo:lo + sizes[r]] if key == "n" else value[lo:lo + sizes[r]]
+        assert torch.equal(got[key], part), (step, r, key)
 
 
 def test_two_processes_give_the_messages_of_one(tmp_path):
@@ -618,11 +631,7 @@ def test_two_processes_give_the_messages_of_one(tmp_path):
         sizes = [len(b[1][0]) for b in batches]
         want = _flat(single.read(*_cat([b[1] for b in batches])))
         for r in range(WORLD):
-            got = results[r]["reads"][step]
-            lo = sum(sizes[:r])
-            for key, value in want.items():
-                part = value[..., lo:lo + sizes[r]] if key == "n" else value[lo:lo + sizes[r]]
-                assert torch.equal(got[key], part), (step, r, key)  # exactly, bit for bit
+            _assert_rank_rows(results[r]["reads"][step], want, sizes, r, step)
             # a fixed number of collectives: write 2, read 3, write_read 3
             assert results[r]["calls"][step] == ((3,) if step % 2 else (2, 3))
     assert all(res["iteration"] == single.iteration for res in results)
@@ -650,3 +659,88 @@ def test_two_processes_give_the_messages_of_one(tmp_path):
     assert results[1]["errors"][1].startswith("UnknownSequenceError")
     assert all(res["resumed_equal"] and res["reshard_equal"] for res in results)
     assert "init_process_group" in results[0]["uninitialised"]
+
+
+def _continues_alike(store, kind, state, write, query) -> bool:
+    """Whether a store of ``kind`` loaded from ``state`` continues as ``store`` does."""
+    resumed = kind(FIELDS, **OPTIONS)
+    resumed.load_state_dict(state)
+    for s in (store, resumed):
+        s.write(*write)
+    return all(torch.equal(a, b) for a, b in zip(_flat(store.read(*query)).values(),
+                                                 _flat(resumed.read(*query)).values()))
+
+
+def _replicated_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with reporting(rank, out_dir) as result:
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=30))
+        store = ReplicatedMessageStore(FIELDS, **OPTIONS)
+        reads, calls = [], []
+        for step in range(8):
+            w, query = schedule(step, rank)
+            before = store.collective_calls
+            if step % 3 == 1:  # posted, completed by the read
+                store.write(*w, wait=False)
+                reads.append(_flat(store.read(*query)))
+            elif step % 3 == 2:
+                reads.append(_flat(store.write_read(w, query)))
+            else:
+                store.write(*w)
+                reads.append(_flat(store.read(*query, return_weights=True)))
+            calls.append(store.collective_calls - before)
+        result.update(reads=reads, calls=calls, state=store.state_dict(),
+                      iteration=store.iteration)
+        # errors: every rank raises, the faulty one its own error, nothing stored
+        errors = [_nan_on_rank_1(store, rank)]
+        # a posted write's error reaches the other rank at its next call
+        late = {"K": torch.ones(1, 3, dtype=F64), "H": torch.zeros(1, 2, dtype=F64)}
+        try:
+            store.write([3], [0], [0.0], late, 0 if rank == 0 else 100, wait=False)
+            store.read([3], [1], [0.0])
+        except MessageStoreError as exc:
+            errors.append(type(exc).__name__ + ": " + str(exc))
+        result["errors"] = errors
+        result["after_errors"] = store.state_dict()
+        store.add_sequences(["only-" + str(rank)] * (rank + 1))
+        result["sequences"] = len(store)
+        # a resumed copy continues as the original
+        w, query = schedule(8, rank)
+        result["resumed_equal"] = _continues_alike(store, ReplicatedMessageStore,
+                                                   result["state"], (*w[:4], 200), query)
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_two_processes_replicated_give_the_messages_of_one(tmp_path):
+    results = run_ranks(_replicated_worker, tmp_path, WORLD, "two-process replicated test")
+    single = MessageStore(FIELDS, **OPTIONS)
+    bound = 0
+    for step in range(8):
+        batches = [schedule(step, r) for r in range(WORLD)]
+        single.write(*_cat([b[0] for b in batches]))
+        sizes = [len(b[1][0]) for b in batches]
+        want = _flat(single.read(*_cat([b[1] for b in batches])))
+        written = max(len(b[0][0]) for b in batches)
+        for r in range(WORLD):
+            _assert_rank_rows(results[r]["reads"][step], want, sizes, r, step)
+            # one all_gather a write; a second only when a batch is larger than the largest
+            # of the previous write
+            assert results[r]["calls"][step] == 1 + (written > bound), (step, r)
+        bound = written
+    want = single.state_dict()
+    for res in results:
+        assert res["iteration"] == single.iteration
+        for key in ("keys", "count", "time", "frame", "iteration", "field.K", "field.H"):
+            assert torch.equal(res["state"][key], want[key]), key
+        # neither failed write stored anything
+        assert torch.equal(res["after_errors"]["field.K"], want["field.K"])
+        assert res["after_errors"]["last_iteration"] == want["last_iteration"]
+    errors = [res["errors"] for res in results]
+    assert "nan" in errors[1][0] and "rank(s) [1]" in errors[0][0]
+    assert "iteration 0 is older" in errors[0][1] and "rank(s) [0]" in errors[1][1]
+    # add_sequences: every rank knows both ranks' new sequences
+    assert results[0]["sequences"] == results[1]["sequences"] == len(single) + 2
+    assert all(res["resumed_equal"] for res in results)

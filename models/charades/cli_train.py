@@ -28,6 +28,10 @@ OPTION_HELP = {
     "stream": "rgb (3 channels) or flow (a stack of 10 flow fields, 20 channels)",
     "backbone": "small (a few conv layers, 32-64 px frames, CPU) or vgg16 (torchvision "
                 "VGG-16 to fc7, 224 px)",
+    "backbone_norm": "normalisation of the small backbone's blocks: batch (BatchNorm; over "
+                     "every process's frames when training on several) or group (GroupNorm: "
+                     "per frame, no communication between processes; learns slower on the "
+                     "synthetic frames)",
     "weights": "local backbone weights file (torchvision's vgg16 state_dict); nothing is "
                "ever downloaded; without one the backbone starts from random weights",
     "data": "synthetic (frames generated from the annotation rows) or a Charades folder "
@@ -73,6 +77,10 @@ OPTION_HELP = {
     "discount": "discount d of stored messages, newest weighted most (paper: 0.9; released "
                 "configs: 0.3)",
     "capacity": "messages kept a video (released code: 50)",
+    "store": "the message store with several processes: replicated (every process holds "
+             "every video; a step's write is one all_gather overlapping the backward, reads "
+             "are local) or sharded (a process holds the videos it owns, 1/K of the memory; "
+             "a read asks their owners: 3 collectives in each step's critical path)",
     "scale": "h of Eq. 10: frames (the distinct frames averaged), count, or a number",
     "sync_max_iter": "mean-field iterations before each sync update (at most)",
     "sync_tol": "mean-field tolerance before each sync update",
@@ -112,6 +120,7 @@ def _bool(text: str) -> bool:
 def _options(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     choices = {"mode": MODES, "stream": ("rgb", "flow"), "backbone": ("small", "vgg16"),
+               "backbone_norm": ("batch", "group"), "store": ("sharded", "replicated"),
                "component": ("object", "object_progress"), "dtype": ("float32", "float64"),
                "device": ("auto", "cpu", "cuda")}
     for f in dataclasses.fields(TrainConfig):

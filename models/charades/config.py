@@ -24,7 +24,8 @@ ABLATIONS = ("temporal", "intent", "progress")
 #: Options a resumed run may change (the rest must equal the checkpoint's).
 RESUMABLE_CHANGES = ("steps", "checkpoint_seconds", "checkpoint_every", "log_every",
                      "progress_bar", "rgb_root", "flow_root", "weights", "annotations",
-                     "eval_every", "eval_videos", "eval_passes", "num_threads", "device")
+                     "eval_every", "eval_videos", "eval_passes", "num_threads", "device",
+                     "store")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainConfig:
     mode: str = "async"
     stream: str = "rgb"
     backbone: str = "small"
+    backbone_norm: str = "batch"
     weights: str | None = None
     data: str = "synthetic"
     annotations: str | None = None
@@ -66,6 +68,7 @@ class TrainConfig:
     l2_intent: float = 4e-4
     discount: float = 0.9
     capacity: int = 50
+    store: str = "replicated"
     scale: str = "frames"
     sync_max_iter: int = 50
     sync_tol: float = 1e-4
@@ -114,6 +117,14 @@ class TrainConfig:
             bad("stream", f"must be rgb or flow, got {self.stream!r}")
         if self.backbone not in ("small", "vgg16"):
             bad("backbone", f"must be small or vgg16, got {self.backbone!r}")
+        if self.backbone_norm not in ("batch", "group"):
+            bad("backbone_norm", f"must be batch or group, got {self.backbone_norm!r}")
+        if self.backbone_norm != "batch" and self.backbone != "small":
+            bad("backbone_norm", f"applies to the small backbone only (VGG-16 has no "
+                                 f"normalisation layers), got {self.backbone_norm!r} with "
+                                 f"--backbone {self.backbone}")
+        if self.store not in ("sharded", "replicated"):
+            bad("store", f"must be sharded or replicated, got {self.store!r}")
         if self.component not in ("object", "object_progress"):
             bad("component", f"must be object or object_progress, got {self.component!r}")
         if self.dtype not in ("float32", "float64"):

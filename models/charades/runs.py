@@ -61,7 +61,9 @@ def build_network(config: TrainConfig, space, *, weights: bool = True) -> Stream
                     component=config.component, scene_weight=config.scene_weight,
                     progress=config.uses_progress, detach_intent=config.detach_intent,
                     sigmas=(config.sigma,), learn_kernel_weights=config.mode == "sync",
-                    dropout=config.dropout)
+                    dropout=config.dropout,
+                    backbone_options=({"norm": config.backbone_norm}
+                                      if config.backbone == "small" else None))
     return net.to(getattr(torch, config.dtype))
 
 

@@ -4,8 +4,9 @@ Three modes, one loop:
 
 * ``async`` (the paper, Algorithm 2): batches of frames sampled across many videos; each
   frame reads the messages the other frames of its video wrote earlier (a
-  :class:`~fieldlib.inference.MessageStore`, or a
-  :class:`~fieldlib.inference.DistributedMessageStore` over the processes of a torchrun),
+  :class:`~fieldlib.inference.MessageStore`, or over the processes of a torchrun a
+  :class:`~fieldlib.inference.DistributedMessageStore` (``store="sharded"``) or a
+  :class:`~fieldlib.inference.ReplicatedMessageStore` (``store="replicated"``)),
   runs ``inner_iterations`` Q_i / Q_I updates and contributes the mean-field loss of Eq. 7-9
   (:func:`~fieldlib.inference.asynchronous_step`), plus the L2 pull on φXI;
 * ``sync``: batches of whole videos (their labelled frames), mean-field to convergence
@@ -45,7 +46,14 @@ import torch
 import torch.distributed as dist
 
 from fieldlib.errors import FieldlibError
-from fieldlib.inference import DistributedMessageStore, MessageStore, asynchronous_step, get_engine
+from fieldlib.inference import (
+    DistributedMessageStore,
+    MessageStore,
+    ReplicatedMessageStore,
+    asynchronous_step,
+    get_engine,
+    merge_state_dicts,
+)
 from fieldlib.inference.losses import meanfield_loss
 
 from .batchnorm import convert_batchnorm
@@ -230,7 +238,8 @@ class Trainer:
             temporal = ["K", "K_star"]
         if c.uses_intent:
             fields.update(H=(c.n_intents,), H_star=(c.n_intents,))
-        kind = DistributedMessageStore if self.world > 1 else MessageStore
+        kind = MessageStore if self.world == 1 else (
+            ReplicatedMessageStore if c.store == "replicated" else DistributedMessageStore)
         return kind(fields, temporal=temporal, **options)
 
     # -- steps ------------------------------------------------------------------------------
@@ -261,8 +270,11 @@ class Trainer:
                                  l2_intent=c.l2_intent if c.uses_intent else 0.0,
                                  incoming=self._read_messages(seq, frame, time_), write=False,
                                  **inputs)
-        # the batch's outgoing messages travel with the next batch's read (one exchange)
-        self._pending = (seq, frame, time_, step.messages, step.iteration)
+        written = (seq, frame, time_, step.messages, step.iteration)
+        if isinstance(self.store, ReplicatedMessageStore):  # the exchange overlaps backward
+            self.store.write(*written, wait=False)
+        else:  # the outgoing messages travel with the next batch's read (one exchange)
+            self._pending = written
         q = step.q.gather(1, state[:, None]).clamp_min(torch.finfo(step.q.dtype).tiny)
         return step.loss, -q.log().sum(), state.numel()
 
@@ -282,6 +294,8 @@ class Trainer:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self.store.write(*pending)
+        if isinstance(self.store, ReplicatedMessageStore):
+            self.store.flush()
 
     def _videos_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """sync: (loss, Σ -log Q_t(x*_t) over the real frames, real frames)."""
@@ -390,8 +404,31 @@ class Trainer:
                 "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": rng_state(),
-                "store": None if self.store is None else self.store.state_dict(),
+                "store": None if self.store is None or (
+                    self.rank and isinstance(self.store, ReplicatedMessageStore))
+                else self.store.state_dict(),  # a replicated store: rank 0's is every rank's
+                "store_placement": self._placement(),
                 "metrics_lines": self._metrics_lines, "world": self.world, "rank": self.rank}
+
+    def _placement(self) -> str | None:
+        if self.store is None:
+            return None
+        return {MessageStore: "memory", ReplicatedMessageStore: "replicated",
+                DistributedMessageStore: "sharded"}[type(self.store)]
+
+    def _store_state(self, state: dict) -> dict:
+        """The store state this rank loads: its own shard, rank 0's whole store, or, for a
+        replicated store resuming a sharded run, every rank's shard merged (``--store`` may
+        change on resume: the messages are the same in both placements)."""
+        saved = state.get("store_placement", "sharded" if self.world > 1 else "memory")
+        whole, own = state["store"], state.get("own_store", state["store"])
+        if saved != "sharded":
+            return whole  # one process's store, or a replicated run's (in rank 0's file)
+        if isinstance(self.store, DistributedMessageStore):
+            return own
+        shards = [whole] + [read_checkpoint(self._rank_file(r))["store"]
+                            for r in range(1, self.world)]
+        return merge_state_dicts(shards)
 
     def _rank_file(self, rank: int) -> Path:
         return self.paths.checkpoint if rank == 0 else \
@@ -421,7 +458,7 @@ class Trainer:
             if state_r["step"] != state["step"]:
                 raise CheckpointError(f"{self._rank_file(self.rank)}: step {state_r['step']}, "
                                       f"the run's checkpoint is at step {state['step']}")
-            state = {**state, "rng": state_r["rng"], "store": state_r["store"]}
+            state = {**state, "rng": state_r["rng"], "own_store": state_r["store"]}
         try:
             self.net.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -432,7 +469,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         if self.store is not None:
-            self.store.load_state_dict(state["store"])
+            self.store.load_state_dict(self._store_state(state))
         set_rng_state(state["rng"])
         self.step, self.frames = int(state["step"]), int(state["frames"])
         self.batches, self.seconds = int(state["batches"]), float(state["seconds"])

@@ -255,12 +255,25 @@ def _worker(rank, port, out_dir):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=2)
-        for mode in ("async", "sync"):
-            config = TrainConfig(**{**TINY, **_DDP, "mode": mode})
+        for mode, options in _RUNS.items():
+            config = TrainConfig(**{**TINY, **_DDP, **options})
             trainer = Trainer(config, Path(out_dir) / f"ddp-{mode}")
             trainer.run()
             out[mode] = {"lines": _lines(trainer.paths.root) if rank == 0 else None,
                          "state": {k: v.clone() for k, v in trainer.net.state_dict().items()}}
+        # stopped after 2 steps and resumed: replicated (rank 0's file holds the store), and
+        # from a sharded run's checkpoint (every rank's shard merged)
+        for name, first, then in (("resumed", "replicated", "replicated"),
+                                  ("to-replicated", "sharded", "replicated")):
+            config = TrainConfig(**{**TINY, **_DDP, "mode": "async", "store": first,
+                                    "steps": 2})
+            Trainer(config, Path(out_dir) / f"ddp-{name}").run()
+            resumed = Trainer(dataclasses.replace(config, steps=3, store=then),
+                              Path(out_dir) / f"ddp-{name}", resume=True)
+            assert type(resumed.store).__name__ == {"replicated": "ReplicatedMessageStore",
+                                                    "sharded": "DistributedMessageStore"}[then]
+            resumed.run()
+            out[name] = {k: v.clone() for k, v in resumed.net.state_dict().items()}
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported by the harness
         out["failure"] = traceback.format_exc()
@@ -268,13 +281,15 @@ def _worker(rank, port, out_dir):
 
 
 _DDP = dict(steps=3, dtype="float64", dropout=0.0, batch_size=8, videos_per_batch=2)
+_RUNS = {"async": {"mode": "async", "store": "sharded"}, "sync": {"mode": "sync"},
+         "replicated": {"mode": "async", "store": "replicated"}}
 
 
 def test_two_processes_give_the_losses_of_one(tmp_path):
     ranks = run_ranks(_worker, tmp_path, 2, "two-process training", timeout=240)
     torch.set_num_threads(1)
-    for mode in ("async", "sync"):
-        config = TrainConfig(**{**TINY, **_DDP, "mode": mode})
+    for mode in ("async", "sync", "replicated"):
+        config = TrainConfig(**{**TINY, **_DDP, **_RUNS[mode]})
         one = Trainer(config, tmp_path / f"one-{mode}")
         one.run()
         got, want = ranks[0][mode]["lines"], _lines(one.paths.root)
@@ -286,6 +301,10 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
         for r in ranks:
             for k, v in r[mode]["state"].items():
                 assert torch.allclose(v, ref[k], atol=1e-8), (mode, k)
+    for r in ranks:  # stopped and resumed: the uninterrupted run's parameters, bit for bit
+        for name in ("resumed", "to-replicated"):
+            for k, v in r[name].items():
+                assert torch.equal(v, r["replicated"]["state"][k]), (name, k)
 
 
 @pytest.mark.parametrize("stream", ["rgb", "flow"])
@@ -310,3 +329,21 @@ def test_training_on_official_jpeg_folders_runs_the_same_code(tmp_path, stream):
     with pytest.raises(FieldlibError, match=f"no {stream} frame folder"):
         Trainer(missing, tmp_path / "run2").run()
     assert not (tmp_path / "run2").exists()  # refused before anything was written
+
+
+def test_backbone_norm_and_store_options():
+    for options, match in [(dict(backbone_norm="layer"), "--backbone-norm must be batch or "
+                                                         "group, got 'layer'"),
+                           (dict(backbone="vgg16", backbone_norm="group"),
+                            "--backbone-norm applies to the small backbone only"),
+                           (dict(store="mirrored"), "--store must be sharded or replicated")]:
+        with pytest.raises(FieldlibError, match=match):
+            tiny(**options).validate()
+
+
+def test_group_norm_backbone_trains_with_no_batch_norm(tmp_path):
+    trainer = Trainer(tiny(steps=2, backbone_norm="group"), tmp_path / "run")
+    kinds = {type(m).__name__ for m in trainer.net.modules()}
+    assert "GroupNorm" in kinds and not any("BatchNorm" in k for k in kinds)
+    trainer.run()
+    assert [x["step"] for x in _lines(trainer.paths.root) if "loss" in x] == [1, 2]
