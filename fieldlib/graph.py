@@ -247,7 +247,7 @@ class FactorGraph:
             )
         for key, value in evidence.items():
             target = self.resolve(key)
-            value, observed = self._evidence_tensor(target, value)
+            value, observed = self.evidence_tensor(target, value)
             if isinstance(target, VariableArray):
                 if value.shape[-1:] != (target.size,) or value.dim() > 2:
                     raise EvidenceError(
@@ -281,10 +281,13 @@ class FactorGraph:
                 out[v], source[v] = val, target.name
         return out
 
-    def _evidence_tensor(self, target, value) -> tuple[torch.Tensor, torch.Tensor]:
-        """One evidence value as ``(states, observed)``: a LongTensor on the graph's device
-        (labels mapped) and a BoolTensor of its shape, False where the value is unobserved
-        (the mask of a ``(states, observed)`` pair; -1 in a tensor of values)."""
+    def evidence_tensor(self, target, value) -> tuple[torch.Tensor, torch.Tensor]:
+        """One evidence value of :meth:`evidence`, for ``target`` (a variable or array of
+        this graph, e.g. from :meth:`resolve`), as ``(states, observed)``: a LongTensor on
+        the graph's device (labels mapped) and a BoolTensor of its shape, False where the
+        value is unobserved (the mask of a ``(states, observed)`` pair; -1 in a tensor of
+        values). Shapes and ranges are checked by :meth:`evidence`, not here; EvidenceError
+        for None, an empty value, a fraction, an unknown label or a malformed mask."""
         name = target.name
         if value is None:
             raise EvidenceError(f"evidence for {name!r} is None; give a state (an integer)")

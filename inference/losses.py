@@ -69,7 +69,7 @@ def _labels(graph, labels) -> dict:
     out = {}
     for key, value in labels.items():
         target = graph.resolve(key)
-        value, _ = graph._evidence_tensor(target, value)
+        value, _ = graph.evidence_tensor(target, value)
         if isinstance(target, VariableArray) and target.lengths is not None:
             mask = target.mask().to(value.device)
             value = torch.where(mask if value.dim() == 2 else mask[0], value,
