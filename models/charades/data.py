@@ -107,7 +107,14 @@ class TrainingData:
 
     def images(self, video_rows: np.ndarray, times: np.ndarray) -> torch.Tensor:
         """``(B, C, H, W)`` float32 frames of the stream at the given (video row, time)
-        pairs, rendered video by video (all of one video's frames in one call)."""
+        pairs: the whole batch in one call of a source that renders many videos at once
+        (``render_many``: the synthetic frames), else video by video (all of one video's
+        frames in one call: a folder of JPEGs)."""
+        if hasattr(self.source, "render_many"):
+            videos = [self.train[int(r)] for r in video_rows]
+            n_frames = np.array([self.source.n_frames(v) for v in videos], dtype=np.int64)
+            return self.source.render_many(self.stream, videos,
+                                           frame_numbers(times, JPEG_FPS, n_frames))
         out = [None] * len(video_rows)
         order = np.argsort(video_rows, kind="stable")
         rows = video_rows[order]

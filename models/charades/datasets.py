@@ -86,6 +86,11 @@ class SyntheticSource:
     def flow(self, video: Video, frames) -> torch.Tensor:
         return self.generator.flow(video, frames)
 
+    def render_many(self, stream: str, videos, frames) -> torch.Tensor:
+        """One frame of each (video, frame number) pair, the batch in one program
+        (:meth:`SyntheticCharades.render_many`)."""
+        return self.generator.render_many(stream, videos, frames)
+
 
 class FolderSource:
     """Frames from the official JPEG folders (either root may be ``None`` if unused).

@@ -46,7 +46,7 @@ from fieldlib.errors import FieldlibError
 
 from .annotations import Video
 from .labels import LabelSpace, Vocabulary
-from .statespace import JPEG_FPS, N_PROGRESS, frame_labels
+from .statespace import JPEG_FPS, N_PROGRESS, frame_labels, progress_labels
 
 RGB_WEIGHTS = (1.0, 1.0, 0.5, 0.5, 1.0)
 FLOW_WEIGHTS = (1.0, 0.3, 1.0, 1.0, 0.2)
@@ -150,6 +150,51 @@ class SyntheticCharades:
         x = x + self._noise(stream, video, frames, x.shape[1])
         size = self.config.size
         return x.reshape(len(frames), channels, size, size)
+
+    def render_many(self, stream: str, videos, frames) -> torch.Tensor:
+        """One frame of each of B (video, frame number) pairs (videos may repeat), as
+        float32 [B, channels, H, W], in one program over the batch: the same bits as
+        :meth:`render` of each video's frames (the per-frame sums run in the same order)."""
+        if stream not in self._streams:
+            raise FieldlibError(f"unknown stream {stream!r} (rgb or flow)")
+        videos = list(videos)
+        frames = np.asarray(frames, dtype=np.int64).reshape(-1)
+        if len(videos) != frames.size:
+            raise FieldlibError(f"render_many: {len(videos)} videos for {frames.size} frames")
+        channels, (p_c, p_o, p_v, p_p, p_s) = self._streams[stream]
+        b, times = frames.size, (frames - 1) / self.config.fps
+        x = torch.zeros(b, p_c.shape[1])
+        # every (row, action of the row's video) pair, actions in CSV order
+        n_act = np.array([len(v.actions) for v in videos], dtype=np.int64)
+        row = np.repeat(np.arange(b), n_act)
+        acts = [a for v in videos for a in v.actions]
+        start = np.array([a.start for a in acts], dtype=np.float64)
+        end = np.array([a.end for a in acts], dtype=np.float64)
+        cls = np.array([a.cls for a in acts], dtype=np.int64)
+        t = times[row]
+        inside = (start <= t) & (t <= end)
+        if inside.any():
+            row, cls, t = row[inside], cls[inside], t[inside]
+            prog = progress_labels(t, start[inside], end[inside])
+            # a class twice in a frame: its first-listed instance's progress (frame_labels)
+            key, first = np.unique(row * self.labels.n_classes + cls, return_index=True)
+            f_idx, c_idx, prog = key // self.labels.n_classes, cls[first], prog[first]
+            x.index_add_(0, torch.from_numpy(f_idx), p_c[torch.from_numpy(c_idx)])
+            for table, pats in ((self.labels.class_object, p_o), (self.labels.class_verb, p_v)):
+                k = np.unique(f_idx * len(pats) + table[c_idx])  # each present once
+                x.index_add_(0, torch.from_numpy(k // len(pats)), pats[k % len(pats)])
+            k = np.unique(f_idx * N_PROGRESS + prog)
+            x.index_add_(0, torch.from_numpy(k // N_PROGRESS), p_p[k % N_PROGRESS])
+        scene = np.array([self.scenes.get(v.scene, -1) for v in videos], dtype=np.int64)
+        known = np.flatnonzero(scene >= 0)
+        if known.size:
+            at = torch.from_numpy(known)
+            x[at] = x[at] + p_s[torch.from_numpy(scene[known])]
+        noise = [self._noise(stream, v, frames[i:i + 1], x.shape[1])
+                 for i, v in enumerate(videos)]  # seeded per (video, frame)
+        x = x + torch.cat(noise) if noise else x
+        size = self.config.size
+        return x.reshape(b, channels, size, size)
 
     def rgb(self, video: Video, frames) -> torch.Tensor:
         """RGB frames, float32 [T, 3, H, W]."""

@@ -74,3 +74,31 @@ def test_bad_config_and_stream():
         _gen(size=2)
     with pytest.raises(FieldlibError, match="unknown stream"):
         _gen(size=8).render("depth", Video("X", "K", 1.0, ()), [1])
+
+
+def test_render_many_equals_render_video_by_video():
+    """The batch renderer (one program over many videos) gives render()'s bits: repeated
+    videos, a class covered twice at once (the first-listed instance's progress), a video
+    without actions, an unknown scene, both streams."""
+    videos = [
+        Video("AB12C", "Kitchen", 3.0, (Instance(5, 0.0, 2.0), Instance(9, 1.0, 3.0))),
+        Video("TWICE", "Garage", 4.0, (Instance(7, 0.5, 3.5), Instance(7, 0.0, 1.2),
+                                       Instance(12, 0.0, 4.0))),
+        Video("EMPTY", "Bedroom", 2.0, ()),
+        Video("NOWHERE", "Moon", 2.5, (Instance(3, 0.0, 2.5),)),
+    ]
+    g = _gen(size=8, seed=5)
+    rng = np.random.default_rng(0)
+    for stream in ("rgb", "flow"):
+        pick = np.r_[rng.integers(0, len(videos), 39), 1]
+        frames = np.array([rng.integers(1, g.n_frames(videos[k]) + 1) for k in pick[:-1]]
+                          + [20])  # TWICE at 0.79 s: class 7 covered by both instances
+        many = g.render_many(stream, [videos[k] for k in pick], frames)
+        one = torch.stack([g.render(stream, videos[k], [f])[0] for k, f in zip(pick, frames)])
+        assert many.shape == (40, 3 if stream == "rgb" else 20, 8, 8)
+        assert torch.equal(many, one), stream
+    assert g.render_many("rgb", [], []).shape == (0, 3, 8, 8)
+    with pytest.raises(FieldlibError, match="2 videos for 1 frames"):
+        g.render_many("rgb", videos[:2], [1])
+    with pytest.raises(FieldlibError, match="unknown stream"):
+        g.render_many("depth", videos[:1], [1])
