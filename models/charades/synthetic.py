@@ -46,7 +46,7 @@ from fieldlib.errors import FieldlibError
 
 from .annotations import Video
 from .labels import LabelSpace, Vocabulary
-from .statespace import JPEG_FPS, N_PROGRESS, frame_labels, progress_labels
+from .statespace import JPEG_FPS, N_PROGRESS, progress_labels
 
 RGB_WEIGHTS = (1.0, 1.0, 0.5, 0.5, 1.0)
 FLOW_WEIGHTS = (1.0, 0.3, 1.0, 1.0, 0.2)
@@ -110,51 +110,27 @@ class SyntheticCharades:
         """Frames the synthetic video has at ``fps``: ``max(1, ceil(length * fps))``."""
         return max(1, int(np.ceil(video.length * self.config.fps)))
 
-    def _signal(self, stream: str, video: Video, times: np.ndarray) -> torch.Tensor:
-        _, (p_c, p_o, p_v, p_p, p_s) = self._streams[stream]
-        active, progress = frame_labels(video, times, self.labels.n_classes)
-        x = torch.zeros(len(times), p_c.shape[1])
-        f_idx, c_idx = np.nonzero(active)
-        if f_idx.size:
-            # gathers and index_add (no BLAS call: tiny products are slow when threads contend)
-            fi = torch.from_numpy(f_idx)
-            x.index_add_(0, fi, p_c[torch.from_numpy(c_idx)])
-            for table, pats in ((self.labels.class_object, p_o), (self.labels.class_verb, p_v)):
-                key = np.unique(f_idx * len(pats) + table[c_idx])  # each present once
-                x.index_add_(0, torch.from_numpy(key // len(pats)), pats[key % len(pats)])
-            key = np.unique(f_idx * N_PROGRESS + progress[f_idx, c_idx])
-            x.index_add_(0, torch.from_numpy(key // N_PROGRESS), p_p[key % N_PROGRESS])
-        s = self.scenes.get(video.scene, -1)
-        if s >= 0:
-            x += p_s[s]
-        return x
-
-    def _noise(self, stream: str, video: Video, frames: np.ndarray, dim: int) -> torch.Tensor:
-        key = zlib.crc32(video.id.encode("utf-8"))
+    def _noise(self, stream: str, videos: list, frames: np.ndarray, dim: int) -> torch.Tensor:
+        """``(B, dim)`` white noise of each (video, frame) row, from a generator seeded by
+        (seed, stream, crc32(video id), frame): a frame's noise whatever batch it is in."""
         sid = 0 if stream == "rgb" else 1
         out = np.empty((len(frames), dim), dtype=np.float32)
-        for i, f in enumerate(frames):
+        for i, (v, f) in enumerate(zip(videos, frames)):  # one generator a frame, by design
+            key = zlib.crc32(v.id.encode("utf-8"))
             rng = np.random.default_rng([self.config.seed, sid, key, int(f)])
             out[i] = rng.standard_normal(dim, dtype=np.float32)
         return torch.from_numpy(out) * self.config.noise_sigma
 
     def render(self, stream: str, video: Video, frames) -> torch.Tensor:
         """Frames ``frames`` (1-based numbers, int [T]) of ``stream`` ("rgb" or "flow") as
-        float32 [T, channels, H, W]."""
-        if stream not in self._streams:
-            raise FieldlibError(f"unknown stream {stream!r} (rgb or flow)")
+        float32 [T, channels, H, W] (:meth:`render_many` of one video)."""
         frames = np.asarray(frames, dtype=np.int64).reshape(-1)
-        channels, _ = self._streams[stream]
-        times = (frames - 1) / self.config.fps
-        x = self._signal(stream, video, times)
-        x = x + self._noise(stream, video, frames, x.shape[1])
-        size = self.config.size
-        return x.reshape(len(frames), channels, size, size)
+        return self.render_many(stream, [video] * frames.size, frames)
 
     def render_many(self, stream: str, videos, frames) -> torch.Tensor:
         """One frame of each of B (video, frame number) pairs (videos may repeat), as
-        float32 [B, channels, H, W], in one program over the batch: the same bits as
-        :meth:`render` of each video's frames (the per-frame sums run in the same order)."""
+        float32 [B, channels, H, W], in one program over the batch (the module docstring's
+        sum; a frame is the same whatever batch it is rendered in)."""
         if stream not in self._streams:
             raise FieldlibError(f"unknown stream {stream!r} (rgb or flow)")
         videos = list(videos)
@@ -190,9 +166,7 @@ class SyntheticCharades:
         if known.size:
             at = torch.from_numpy(known)
             x[at] = x[at] + p_s[torch.from_numpy(scene[known])]
-        noise = [self._noise(stream, v, frames[i:i + 1], x.shape[1])
-                 for i, v in enumerate(videos)]  # seeded per (video, frame)
-        x = x + torch.cat(noise) if noise else x
+        x = x + self._noise(stream, videos, frames, x.shape[1])
         size = self.config.size
         return x.reshape(b, channels, size, size)
 
