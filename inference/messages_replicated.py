@@ -146,7 +146,9 @@ class ReplicatedMessageStore(_ExchangingStore):
 
     def flush(self) -> None:
         """Complete a write posted with ``wait=False`` (store its rows, raise its errors).
-        Every other method does it first; call it before reading :attr:`local` directly."""
+        Every other method does it first; call it before reading :attr:`local` directly.
+        While a write is in flight this is collective (a batch larger than the last needs
+        a second gather): call it, or the method that does it, on every rank."""
         posted, self._posted = self._posted, None
         if posted is None:
             return
@@ -196,7 +198,8 @@ class ReplicatedMessageStore(_ExchangingStore):
     def state_dict(self) -> dict:
         """The whole store (a ``MessageStore`` state, with the global :attr:`iteration`):
         the same messages on every rank, so one rank's file is enough (the names of string
-        ids are those this rank has seen: they only word error messages). No collective."""
+        ids are those this rank has seen: they only word error messages). No collective
+        once no write is in flight (see :meth:`flush`)."""
         self.flush()
         state = self.local.state_dict()
         state.update(last_iteration=self._iteration, rank=self.rank, world=self.world)
